@@ -1,0 +1,1 @@
+"""The `adabatch` command: fit/validate/test (LightningCLI), sweep, plot."""

@@ -1,0 +1,1 @@
+"""Deciding and applying: batch-size policies, hyperparameter scaling rules, resizing."""
