@@ -1,19 +1,47 @@
 """`AdaptiveBatchSize`: the Lightning callback that wires probes, estimator, policy and rules.
 
 This module holds no maths: it decides the order of things within a training step and keeps
-their state. See ARCHITECTURE.md for the data flow.
+their state. See ARCHITECTURE.md for the data flow. Per optimizer step:
+
+1. ``on_train_batch_start``: restore hyperparameters (defensive, after an AMP-skipped step),
+   tell the probe the loss scale of the coming backward, count the micro-batch.
+2. ``on_before_optimizer_step``: the accumulated, all-reduced, unscaled ``.grad`` is the big
+   batch gradient; one all-reduce of four scalars gives every rank the same small-batch
+   statistics; the estimator is updated; the scaling factors are applied to the optimizer.
+3. optimizer step; a step post-hook restores the user's hyperparameters.
+4. ``on_train_batch_end``: count samples, decide the next batch size, resize (at an aligned
+   boundary), log, stop at ``max_samples``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import time
+from typing import Any, Literal
 
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+
+from adabatch.control.apply import OptimizerScaler
+from adabatch.control.policy import BatchSizeDecider, Observation, make_policy
+from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
+from adabatch.control.rules import adascale_gain
+from adabatch.noise.estimator import GNSEstimator
+from adabatch.noise.microbatch import MicroBatchGradNorms
+from adabatch.noise.per_example import PerExampleGradNorms
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 PolicyName = Literal["noise", "goodput", "ramp", "fixed"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
 LrRule = Literal["auto", "linear", "sqrt", "adascale", "none"]
+
+_NOISE_SOURCES = ("auto", "per_example", "microbatch")
+_POLICIES = ("noise", "goodput", "ramp", "fixed")
+_RESIZE_MODES = ("auto", "accumulate", "sampler")
+_LR_RULES = ("auto", "linear", "sqrt", "adascale", "none")
 
 
 class AdaptiveBatchSize(Callback):
@@ -82,13 +110,53 @@ class AdaptiveBatchSize(Callback):
         log_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
+        _check_choice("noise", noise, _NOISE_SOURCES)
+        _check_choice("policy", policy, _POLICIES)
+        _check_choice("resize", resize, _RESIZE_MODES)
+        _check_choice("lr_rule", lr_rule, _LR_RULES)
+        for name, value in (
+            ("ref_batch_size", ref_batch_size),
+            ("min_batch_size", min_batch_size),
+            ("max_batch_size", max_batch_size),
+            ("max_samples", max_samples),
+            ("max_micro_batch", max_micro_batch),
+            ("ramp_samples", ramp_samples),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        if min_batch_size is not None and max_batch_size is not None:
+            if min_batch_size > max_batch_size:
+                raise ValueError(
+                    f"min_batch_size={min_batch_size} must be <= max_batch_size={max_batch_size}"
+                )
+        if not (half_life_samples > 0 and math.isfinite(half_life_samples)):
+            raise ValueError(f"half_life_samples={half_life_samples} must be a positive number")
+        if not (noise_scale_factor > 0 and math.isfinite(noise_scale_factor)):
+            raise ValueError(f"noise_scale_factor={noise_scale_factor} must be > 0")
+        if not (0 < noise_exponent <= 1):
+            raise ValueError(f"noise_exponent={noise_exponent} must be in (0, 1]")
+        if not max_rel_std > 0:
+            raise ValueError(f"max_rel_std={max_rel_std} must be > 0")
+        if not hysteresis >= 0:
+            raise ValueError(f"hysteresis={hysteresis} must be >= 0")
+        for name, value in (
+            ("min_samples_between_changes", min_samples_between_changes),
+            ("warmup_samples", warmup_samples),
+        ):
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1")
+        if policy == "ramp" and ramp_samples is None and enabled:
+            raise ValueError("policy='ramp' needs ramp_samples (samples from min to max batch)")
+
         self.enabled = enabled
         self.noise = noise
         self.policy = policy
         self.ref_batch_size = ref_batch_size
         self.min_batch_size = min_batch_size
         self.max_batch_size = max_batch_size
-        self.half_life_samples = half_life_samples
+        self.half_life_samples = float(half_life_samples)
         self.max_samples = max_samples
         self.resize = resize
         self.max_micro_batch = max_micro_batch
@@ -105,3 +173,474 @@ class AdaptiveBatchSize(Callback):
         self.scale_eps = scale_eps
         self.scale_weight_decay = scale_weight_decay
         self.log_every_n_steps = log_every_n_steps
+
+        # Run state, created in setup() (a tensor made here would be shared by ddp_spawn ranks).
+        self.samples = 0
+        self.steps = 0
+        self.history: list[dict[str, float]] = []
+        self._reset_run_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_run_state(self) -> None:
+        self._estimator: GNSEstimator | None = None
+        self._policy_impl: Any = None
+        self._decider: BatchSizeDecider | None = None
+        self._scaler: OptimizerScaler | None = None
+        self._probe: PerExampleGradNorms | MicroBatchGradNorms | None = None
+        self._source: str | None = None
+        self._sampler: Any = None
+        self._loader_is_stateful = False
+        self._world = 1
+        self._micro0: int | None = None  # per-rank micro-batch at the start of the run
+        self._ref: int | None = self.ref_batch_size
+        self._target: int | None = None  # global batch size decided
+        self._split: Split | None = None  # layout in force
+        self._pending: Split | None = None  # layout waiting for an aligned boundary
+        self._local_samples = 0
+        self._step_stats: dict[str, float] | None = None
+        self._last_log: dict[str, float] = {}
+        self._t_last: float | None = None
+        self._restored: dict[str, Any] | None = None
+        self._big_params: list[torch.nn.Parameter] = []
+        self._big_params_key: tuple[str, ...] | None = None
+
+    @property
+    def estimator(self) -> GNSEstimator | None:
+        """The noise-scale estimator (None before ``setup``)."""
+        return self._estimator
+
+    @property
+    def batch_size(self) -> int | None:
+        """The global batch size in force (None before the first batch)."""
+        return self._target
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        state: dict[str, Any] = {
+            "version": 1,
+            "samples": self.samples,
+            "steps": self.steps,
+            "history": list(self.history),
+            "micro0": self._micro0,
+            "ref_batch_size": self._ref,
+            "target": self._target,
+            "split": None if self._split is None else [self._split.micro, self._split.accumulation],
+            "pending": None
+            if self._pending is None
+            else [self._pending.micro, self._pending.accumulation],
+        }
+        if self._estimator is not None:
+            state["estimator"] = self._estimator.state_dict()
+        if self._decider is not None:
+            state["decider"] = self._decider.state_dict()
+        if self._policy_impl is not None and hasattr(self._policy_impl, "state_dict"):
+            state["policy"] = self._policy_impl.state_dict()
+        if self._sampler is not None and not self._loader_is_stateful:
+            # A loader with state_dict (ResizableDataLoader) is checkpointed by Lightning.
+            state["sampler"] = self._sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.enabled or not state_dict:
+            return
+        # Applied in on_train_start: the trainer, optimizer and loader exist only then.
+        self._restored = dict(state_dict)
+        self.samples = int(state_dict.get("samples", 0))
+        self.steps = int(state_dict.get("steps", 0))
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.enabled or stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "AdaptiveBatchSize needs automatic optimization: with manual optimization "
+                "Lightning does not accumulate or step for it. Set enabled=False or use "
+                "automatic optimization."
+            )
+        if self.resize in ("sampler", "auto"):
+            limit = trainer.limit_train_batches
+            if isinstance(limit, float) and limit != 1.0:
+                raise MisconfigurationException(
+                    f"limit_train_batches={limit} is a fraction, which needs a loader length; "
+                    f"resize={self.resize!r} uses a ResizableBatchSampler without one. Use an "
+                    "int or 1.0."
+                )
+        self._world = trainer.world_size
+        self._estimator = GNSEstimator(self.half_life_samples)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self.enabled:
+            return
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"AdaptiveBatchSize supports exactly one optimizer, got {len(trainer.optimizers)}"
+            )
+        self._scaler = OptimizerScaler(
+            trainer.optimizers[0],
+            lr_rule="adascale" if self.lr_rule == "adascale" else self.lr_rule,
+            scale_betas=self.scale_betas,
+            scale_eps=self.scale_eps,
+            scale_weight_decay=self.scale_weight_decay,
+        )
+        if self.resize in ("sampler", "auto"):
+            self._sampler = _find_resizable_sampler(trainer)
+            if self._sampler is None:
+                raise MisconfigurationException(
+                    f"resize={self.resize!r} needs the train DataLoader to use "
+                    "batch_sampler=adabatch.ResizableBatchSampler(...) (and, under DDP, "
+                    "Trainer(use_distributed_sampler=False)); or use resize='accumulate'."
+                )
+        else:
+            self._sampler = _find_resizable_sampler(trainer)  # optional: exact resume
+        loader = trainer.train_dataloader
+        self._loader_is_stateful = hasattr(loader, "state_dict") and hasattr(
+            loader, "load_state_dict"
+        )
+        self._attach_probe(pl_module)
+        if self._restored is not None:
+            self._apply_restored(trainer)
+        self._t_last = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._teardown()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._teardown()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._probe is not None:
+            self._probe.detach()
+            self._probe = None
+        if self._scaler is not None:
+            self._scaler.restore()
+            self._scaler.close()
+            self._scaler = None
+
+    def _attach_probe(self, pl_module: Any) -> None:
+        source = self.noise
+        if source == "auto":
+            # Per-example statistics (b = 1) work on one device with no accumulation; use
+            # them when the probe covers the whole model, else micro-batch statistics.
+            probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
+            probe.attach()
+            if probe.uncovered:
+                probe.detach()
+                source = "microbatch"
+                rank_zero_info(
+                    f"adabatch: noise='auto' uses micro-batch statistics: the per-example probe "
+                    f"does not cover {len(probe.uncovered)} parameter(s) "
+                    f"(e.g. {probe.uncovered[0]})"
+                )
+            else:
+                self._probe, self._source = probe, "per_example"
+                return
+        if source == "per_example":
+            self._probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
+            self._probe.attach()
+            if self._probe.uncovered:
+                rank_zero_warn(
+                    f"adabatch: the per-example probe does not cover {self._probe.uncovered}; "
+                    "the noise scale is measured over the covered parameters only"
+                )
+        else:
+            self._probe = MicroBatchGradNorms(pl_module)
+            self._probe.attach()
+        self._source = source
+
+    def _apply_restored(self, trainer: Any) -> None:
+        state = self._restored or {}
+        self._restored = None
+        if self._estimator is not None and "estimator" in state:
+            self._estimator.load_state_dict(state["estimator"])
+        self._micro0 = state.get("micro0")
+        self._ref = state.get("ref_batch_size", self._ref)
+        if self._micro0 is not None:
+            self._build_policy()
+        if self._decider is not None and "decider" in state:
+            self._decider.load_state_dict(state["decider"])
+        if self._policy_impl is not None and "policy" in state:
+            self._policy_impl.load_state_dict(state["policy"])
+        self._target = state.get("target")
+        split = state.get("split")
+        pending = state.get("pending")
+        self._split = None if split is None else Split(*split)
+        self._pending = None if pending is None else Split(*pending)
+        if self._split is not None:
+            trainer.accumulate_grad_batches = self._split.accumulation
+        if self._sampler is not None and "sampler" in state:
+            self._sampler.load_state_dict(state["sampler"])
+
+    def _build_policy(self) -> None:
+        assert self._micro0 is not None
+        start = self._micro0 * (self._split.accumulation if self._split else 1) * self._world
+        granularity = self._micro0 * self._world
+        lo = self.min_batch_size if self.min_batch_size is not None else start
+        hi = self.max_batch_size if self.max_batch_size is not None else 64 * start
+        if self.resize == "sampler" and self.max_micro_batch is not None:
+            hi = min(hi, self.max_micro_batch * self._world)
+        lo = max(granularity, lo - lo % granularity)
+        hi = max(lo, hi - hi % granularity)
+        self._decider = BatchSizeDecider(
+            min_batch_size=lo,
+            max_batch_size=hi,
+            granularity=granularity,
+            hysteresis=self.hysteresis,
+            min_samples_between_changes=self.min_samples_between_changes,
+            never_decrease=self.never_decrease,
+        )
+        self._policy_impl = make_policy(
+            self.policy,
+            **_policy_kwargs(self, lo=lo, hi=hi, granularity=granularity),
+        )
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled or self._probe is None:
+            return
+        if self._scaler is not None:
+            self._scaler.restore()  # a step skipped by AMP skips the post-hook
+        n = extract_batch_size(batch)
+        if self._micro0 is None:
+            self._micro0 = n
+            self._split = Split(n, trainer.accumulate_grad_batches)
+            start = n * trainer.accumulate_grad_batches * self._world
+            self._target = start
+            if self._ref is None:
+                self._ref = start
+                if self.lr_rule != "none":
+                    rank_zero_warn(
+                        f"adabatch: ref_batch_size not set; scaling rules are relative to the "
+                        f"starting global batch size {start}. Set ref_batch_size to the batch "
+                        "at which your hyperparameters were tuned."
+                    )
+            self._build_policy()
+            self._notify_ema(trainer, start)
+        self._local_samples += n
+        # Lightning divides the loss by k; AMP multiplies it by the scaler's scale.
+        scale = 1.0 / trainer.accumulate_grad_batches
+        amp_scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if amp_scaler is not None and amp_scaler.is_enabled():
+            scale *= float(amp_scaler.get_scale())
+        self._probe.grad_scale = scale
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if not self.enabled or self._probe is None or self._estimator is None:
+            return
+        stats = self._measure(trainer, pl_module)
+        self._step_stats = stats
+        batch = int(stats["samples"])
+        accepted = False
+        if stats["b"] < batch:
+            accepted = self._estimator.update(stats["small_sq"], stats["b"], stats["big_sq"], batch)
+        stats["accepted"] = float(accepted)
+        kappa = batch / float(self._ref or batch)
+        gain = None
+        if self.lr_rule == "adascale":
+            # Until the estimate exists the gain is 1: the lr the user tuned at B_ref.
+            est = self._estimator
+            gain = 1.0
+            if est.grad_sq is not None and est.trace_sigma is not None:
+                gain = adascale_gain(est.trace_sigma, est.grad_sq, batch, self._ref)
+        assert self._scaler is not None
+        factors = self._scaler.apply(kappa, gain=gain)
+        stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
+
+    def _measure(self, trainer: Any, pl_module: Any) -> dict[str, float]:
+        """Small-batch and big-batch squared norms, identical on every rank."""
+        assert self._probe is not None
+        small = self._probe.sq_norms
+        self._probe.reset()
+        device = pl_module.device
+        small = small.to(device=device, dtype=torch.float64)
+        big_params = self._covered_params(pl_module)
+        big_sq = torch.zeros((), dtype=torch.float64, device=device)
+        for p in big_params:
+            if p.grad is not None:
+                big_sq += p.grad.detach().to(torch.float64).square().sum()
+        # Step time, from this point of the previous step (None across a validation run).
+        now = time.perf_counter()
+        elapsed = 0.0 if self._t_last is None else now - self._t_last
+        self._t_last = now
+        # One all-reduce: [sum of small norms, number of small batches, samples, step time,
+        # ranks with a step time]; every rank then holds the same numbers, so every rank
+        # takes the same decision (the goodput policy reads the mean step time).
+        local = torch.tensor(
+            [0.0, small.numel(), self._local_samples, elapsed, float(elapsed > 0)],
+            dtype=torch.float64,
+            device=device,
+        )
+        local[0] = small.sum()
+        self._local_samples = 0
+        total = trainer.strategy.reduce(local, reduce_op="sum")
+        small_sum, count, samples, time_sum, timed, big = (
+            float(v) for v in torch.cat([total, big_sq.reshape(1)]).tolist()
+        )
+        world = float(self._world)
+        if self._source == "per_example":
+            b = 1.0
+        else:
+            b = samples / max(count, 1.0)  # the mean micro-batch size per rank
+        return {
+            "small_sq": small_sum / max(count, 1.0),
+            "big_sq": big,
+            "b": b,
+            "samples": samples,
+            "step_time": time_sum / world if timed == world else math.nan,
+        }
+
+    def _covered_params(self, pl_module: Any) -> list[torch.nn.Parameter]:
+        """The parameters whose big-batch gradient matches the small-batch statistics."""
+        if self._source == "per_example":
+            covered = tuple(self._probe.covered)  # type: ignore[union-attr]
+        else:
+            covered = tuple(n for n, p in pl_module.named_parameters() if p.requires_grad)
+        if covered != self._big_params_key:
+            named = dict(pl_module.named_parameters())
+            self._big_params = [named[n] for n in covered]
+            self._big_params_key = covered
+        return self._big_params
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled or self._step_stats is None:
+            return  # still accumulating
+        stats, self._step_stats = self._step_stats, None
+        batch_size = int(stats["samples"])
+        self.samples += batch_size
+        self.steps += 1
+        if self._sampler is not None:
+            self._sampler.advance(batch_size)
+        step_time = stats["step_time"]
+        throughput = batch_size / step_time if step_time > 0 else None
+
+        finite = math.isfinite(stats["big_sq"]) and math.isfinite(stats["small_sq"])
+        if finite and self.samples >= self.warmup_samples:
+            self._decide(trainer, batch_size, throughput)
+        self._apply_pending(trainer)
+        if self.steps % self.log_every_n_steps == 0:
+            self._log(pl_module, stats)
+        if self.max_samples is not None and self.samples >= self.max_samples:
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._t_last = None  # keep validation time out of the throughput
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.enabled:
+            self._apply_pending(trainer, epoch_start=True)
+        self._t_last = None
+
+    def _decide(self, trainer: Any, batch_size: int, throughput: float | None) -> None:
+        assert self._estimator is not None and self._decider is not None
+        est = self._estimator
+        obs = Observation(
+            samples=self.samples,
+            steps=self.steps,
+            batch_size=batch_size,
+            gns=est.gns,
+            gns_rel_std=est.gns_rel_std,
+            throughput=throughput,
+        )
+        target = self._policy_impl.target(obs)
+        current = self._target or batch_size
+        if target is None:
+            return
+        new = self._decider.decide(target, current, self.samples)
+        if new == current:
+            return
+        assert self._micro0 is not None and self._split is not None
+        self._pending = split_global_batch(
+            new,
+            world_size=self._world,
+            mode=self.resize,
+            micro_batch=self._micro0,
+            max_micro_batch=self.max_micro_batch,
+        )
+        self._target = new
+        self.history.append(
+            {"step": self.steps, "samples": self.samples, "batch_size": new, "from": current}
+        )
+        self._notify_ema(trainer, new)
+
+    def _apply_pending(self, trainer: Any, epoch_start: bool = False) -> None:
+        pending = self._pending
+        if pending is None or self._split is None:
+            return
+        if pending.micro != self._split.micro and self._sampler is not None:
+            self._sampler.set_batch_size(pending.micro)
+            self._split = Split(pending.micro, self._split.accumulation)
+        if pending.accumulation != self._split.accumulation:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            if not (epoch_start or can_change_accumulation(done, pending.accumulation)):
+                return  # wait for an aligned boundary
+            trainer.accumulate_grad_batches = pending.accumulation
+        self._split = pending
+        self._pending = None
+
+    def _notify_ema(self, trainer: Any, batch_size: int) -> None:
+        # adabatch.EMA, or any weight averaging whose decay can follow the batch.
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and hasattr(cb, "set_batch_size"):
+                cb.set_batch_size(batch_size)
+
+    def _log(self, pl_module: Any, stats: dict[str, float]) -> None:
+        est = self._estimator
+        assert est is not None and self._split is not None
+        metrics = {
+            "adabatch/batch_size": float(stats["samples"]),
+            "adabatch/target_batch_size": float(self._target or stats["samples"]),
+            "adabatch/micro_batch": float(self._split.micro),
+            "adabatch/accumulation": float(self._split.accumulation),
+            "adabatch/lr_factor": stats.get("lr_factor", 1.0),
+            "adabatch/samples": float(self.samples),
+        }
+        for key, value in (
+            ("adabatch/gns", est.gns),
+            ("adabatch/gns_rel_std", est.gns_rel_std),
+            ("adabatch/grad_sq", est.grad_sq),
+            ("adabatch/trace_sigma", est.trace_sigma),
+        ):
+            if value is not None and math.isfinite(value):
+                metrics[key] = float(value)
+        self._last_log = metrics
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+
+
+def _policy_kwargs(cb: AdaptiveBatchSize, *, lo: int, hi: int, granularity: int) -> dict:
+    if cb.policy == "noise":
+        return {
+            "scale": cb.noise_scale_factor,
+            "exponent": cb.noise_exponent,
+            "max_rel_std": cb.max_rel_std,
+        }
+    if cb.policy == "goodput":
+        return {
+            "min_batch_size": lo,
+            "max_batch_size": hi,
+            "granularity": granularity,
+            "max_rel_std": cb.max_rel_std,
+        }
+    if cb.policy == "ramp":
+        return {"start_batch_size": lo, "end_batch_size": hi, "ramp_samples": cb.ramp_samples}
+    return {}
+
+
+def _find_resizable_sampler(trainer: Any) -> Any:
+    from adabatch.data import ResizableBatchSampler
+
+    batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    return batch_sampler if isinstance(batch_sampler, ResizableBatchSampler) else None

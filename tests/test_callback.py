@@ -1,0 +1,196 @@
+"""AdaptiveBatchSize inside real (CPU) Lightning runs on problems with a known answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_helpers import SamplerData, StepRecorder, model_near_optimum, trainer
+
+from adabatch import AdaptiveBatchSize
+from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise": "both"}, "noise='both'"),
+        ({"policy": "greedy"}, "policy='greedy'"),
+        ({"resize": "grow"}, "resize='grow'"),
+        ({"lr_rule": "cubic"}, "lr_rule='cubic'"),
+        ({"min_batch_size": 0}, "min_batch_size=0"),
+        ({"max_batch_size": 8, "min_batch_size": 16}, "min_batch_size=16"),
+        ({"half_life_samples": -1.0}, "half_life_samples=-1.0"),
+        ({"half_life_samples": math.inf}, "half_life_samples=inf"),
+        ({"noise_scale_factor": 0.0}, "noise_scale_factor=0.0"),
+        ({"noise_exponent": 1.5}, "noise_exponent=1.5"),
+        ({"hysteresis": -0.1}, "hysteresis=-0.1"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0"),
+        ({"max_samples": 2.5}, "max_samples=2.5"),
+        ({"policy": "ramp"}, "ramp_samples"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        AdaptiveBatchSize(**kwargs)
+
+
+def test_disabled_callback_does_nothing(tmp_path):
+    seed_everything(0)
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
+    cb = AdaptiveBatchSize(enabled=False, policy="ramp")  # bad combos are fine when off
+    rec = StepRecorder()
+    trainer(tmp_path, [cb, rec], max_steps=6, accumulate_grad_batches=2).fit(model, data)
+    assert cb.estimator is None and cb.samples == 0 and cb.state_dict() == {}
+    assert {r["lr"] for r in rec.rows} == {0.05}
+    assert {r["batch"] for r in rec.rows} == {8}
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    class Manual(LeastSquaresModel):
+        def __init__(self) -> None:
+            super().__init__(dim=4)
+            self.automatic_optimization = False
+
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
+    with pytest.raises(MisconfigurationException, match="automatic optimization"):
+        trainer(tmp_path, [AdaptiveBatchSize()], max_steps=2).fit(Manual(), data)
+
+
+def test_sampler_mode_refuses_a_float_batch_limit(tmp_path):
+    data = SamplerData(dim=4, batch_size=4, num_samples=64)
+    with pytest.raises(MisconfigurationException, match="limit_train_batches=0.5"):
+        trainer(tmp_path, [AdaptiveBatchSize(resize="sampler")], max_steps=2,
+                limit_train_batches=0.5).fit(LeastSquaresModel(dim=4), data)
+
+
+def test_sampler_mode_needs_a_resizable_sampler(tmp_path):
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
+    with pytest.raises(MisconfigurationException, match="ResizableBatchSampler"):
+        trainer(tmp_path, [AdaptiveBatchSize(resize="sampler")], max_steps=2).fit(
+            LeastSquaresModel(dim=4), data
+        )
+
+
+def test_noise_policy_settles_at_c_times_the_exact_noise_scale(tmp_path):
+    """Frozen weights (lr ~ 0) keep B_noise constant; the policy must settle at c * B_noise."""
+    seed_everything(0)
+    model = model_near_optimum(offset=0.1, dim=16, lr=1e-12)
+    exact = float(model.problem.exact_stats(model.linear.weight)["gns"])
+    data = SamplerData(dim=16, batch_size=4, num_samples=60_000, fresh=True)
+    c = 0.5
+    cb = AdaptiveBatchSize(
+        noise="per_example", policy="noise", resize="sampler", noise_scale_factor=c,
+        half_life_samples=4_000, hysteresis=0.05, min_batch_size=4, max_batch_size=512,
+    )
+    trainer(tmp_path, [cb], max_epochs=1, max_steps=-1).fit(model, data)
+    assert cb.estimator.gns == pytest.approx(exact, rel=0.1)
+    assert cb.batch_size == pytest.approx(c * exact, rel=0.2)
+    assert len(cb.history) >= 1 and cb.history[0]["from"] == 4
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "rule"),
+    [("sgd", 0.02, "linear"), ("adamw", 0.01, "sqrt")],
+)
+def test_scaling_rules_keep_the_loss_curve_in_samples(tmp_path, optimizer, lr, rule):
+    """At 4x the batch, the rules keep loss-vs-samples close to the reference run's."""
+    small, big, n = 8, 32, 4096
+
+    def run(batch: int, lr_rule: str) -> list[float]:
+        seed_everything(0)
+        model = LeastSquaresModel(dim=16, lr=lr, optimizer=optimizer, weight_decay=0.01,
+                                  init_scale=1.0)
+        data = LeastSquaresData(dim=16, batch_size=batch, num_samples=n)
+        cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=small, lr_rule=lr_rule)
+        rec = StepRecorder()
+        trainer(tmp_path, [cb, rec], max_epochs=1).fit(model, data)
+        # The population loss at each multiple of `big` samples.
+        every = big // batch
+        return [r["loss"] for r in rec.rows[every - 1 :: every]]
+
+    reference = torch.tensor(run(small, "none"))
+    with_rules = torch.tensor(run(big, rule))
+    without = torch.tensor(run(big, "none"))
+    start = len(reference) // 10
+    gap_rules = ((with_rules - reference).abs() / reference)[start:].mean()
+    gap_none = ((without - reference).abs() / reference)[start:].mean()
+    print(f"{optimizer}: relative gap with rules {gap_rules:.4f}, without {gap_none:.4f}")
+    assert gap_rules < 0.5 * gap_none, (gap_rules, gap_none)
+
+
+def _run_and_record(tmp_path, resize, max_steps, ckpt_path=None, save_every=None):
+    seed_everything(0)
+    model = LeastSquaresModel(dim=8, lr=0.2, init_scale=1.0)
+    data = SamplerData(dim=8, batch_size=2, num_samples=4096)
+    cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize=resize,
+                           noise_scale_factor=1.0, half_life_samples=100, hysteresis=0.1,
+                           min_batch_size=2, max_batch_size=64, ref_batch_size=2)
+    rec = StepRecorder()
+    callbacks = [cb, rec]
+    if save_every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every,
+                                         save_top_k=-1, filename="{step}"))
+    trainer(tmp_path, callbacks, max_steps=max_steps,
+            enable_checkpointing=bool(save_every)).fit(model, data, ckpt_path=ckpt_path)
+    return model, cb, rec
+
+
+@pytest.mark.parametrize("resize", ["sampler", "accumulate"])
+def test_resume_mid_run_is_exact(tmp_path, resize):
+    full_model, full_cb, full_rec = _run_and_record(tmp_path / "full", resize, 40)
+    assert len(full_cb.history) >= 2, "the test needs batch-size changes to be meaningful"
+    _run_and_record(tmp_path / "a", resize, 40, save_every=15)
+    ckpt = tmp_path / "a" / "step=15.ckpt"
+    model, cb, rec = _run_and_record(tmp_path / "b", resize, 40, ckpt_path=str(ckpt))
+    assert cb.history == full_cb.history
+    assert [r["batch"] for r in rec.rows] == [r["batch"] for r in full_rec.rows[15:]]
+    assert [r["lr"] for r in rec.rows] == [r["lr"] for r in full_rec.rows[15:]]
+    torch.testing.assert_close(model.linear.weight, full_model.linear.weight, rtol=0, atol=0)
+    assert cb.estimator.state_dict() == full_cb.estimator.state_dict()
+
+
+def test_non_finite_gradients_never_change_the_batch_size(tmp_path):
+    class Exploding(LeastSquaresModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * (math.nan if self.global_step >= 5 else 1.0)
+
+    seed_everything(0)
+    model = Exploding(dim=8, lr=0.05, init_scale=1.0)
+    data = SamplerData(dim=8, batch_size=2, num_samples=4096)
+    cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize="sampler",
+                           noise_scale_factor=1.0, half_life_samples=50, hysteresis=0.0,
+                           min_batch_size=2, max_batch_size=64, ref_batch_size=2)
+    trainer(tmp_path, [cb], max_steps=30).fit(model, data)
+    assert all(change["step"] <= 5 for change in cb.history)
+    assert cb.estimator.num_skipped >= 20
+
+
+def test_logs_through_the_lightning_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
+    cb = AdaptiveBatchSize(noise="microbatch", policy="noise", half_life_samples=64)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=1,
+            accumulate_grad_batches=2).fit(model, data)
+    header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    for key in ("gns", "grad_sq", "trace_sigma", "batch_size", "micro_batch", "accumulation",
+                "lr_factor", "samples"):
+        assert f"adabatch/{key}" in header
+
+
+def test_max_samples_stops_training(tmp_path):
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=4096)
+    cb = AdaptiveBatchSize(policy="fixed", max_samples=100)
+    trainer(tmp_path, [cb], max_epochs=5).fit(model, data)
+    assert 100 <= cb.samples < 104
