@@ -61,7 +61,9 @@ def split_global_batch(
             )
         return Split(micro_batch, global_batch // per_rank)
     if global_batch % world_size:
-        raise ValueError(f"global_batch={global_batch} is not a multiple of world_size={world_size}")
+        raise ValueError(
+            f"global_batch={global_batch} is not a multiple of world_size={world_size}"
+        )
     per_rank = global_batch // world_size
     if mode == "sampler":
         if max_micro_batch is not None and per_rank > max_micro_batch:
