@@ -126,11 +126,12 @@ def test_scaling_rules_keep_the_loss_curve_in_samples(tmp_path, optimizer, lr, r
 
 def _run_and_record(tmp_path, resize, max_steps, ckpt_path=None, save_every=None):
     seed_everything(0)
-    model = LeastSquaresModel(dim=8, lr=0.2, init_scale=1.0)
+    model = LeastSquaresModel(dim=8, lr=0.1, init_scale=1.0)
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
     cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize=resize,
-                           noise_scale_factor=1.0, half_life_samples=100, hysteresis=0.1,
-                           min_batch_size=2, max_batch_size=64, ref_batch_size=2)
+                           noise_scale_factor=0.5, half_life_samples=100, hysteresis=0.1,
+                           max_rel_std=10.0, min_batch_size=2, max_batch_size=256,
+                           ref_batch_size=2)
     rec = StepRecorder()
     callbacks = [cb, rec]
     if save_every:
@@ -166,7 +167,8 @@ def test_non_finite_gradients_never_change_the_batch_size(tmp_path):
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
     cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize="sampler",
                            noise_scale_factor=1.0, half_life_samples=50, hysteresis=0.0,
-                           min_batch_size=2, max_batch_size=64, ref_batch_size=2)
+                           max_rel_std=10.0, min_batch_size=2, max_batch_size=64,
+                           ref_batch_size=2)
     trainer(tmp_path, [cb], max_steps=30).fit(model, data)
     assert all(change["step"] <= 5 for change in cb.history)
     assert cb.estimator.num_skipped >= 20

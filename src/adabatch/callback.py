@@ -38,6 +38,7 @@ PolicyName = Literal["noise", "goodput", "ramp", "fixed"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
 LrRule = Literal["auto", "linear", "sqrt", "adascale", "none"]
 
+_MIN_EFFECTIVE_STEPS = 8.0
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _POLICIES = ("noise", "goodput", "ramp", "fixed")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
@@ -542,12 +543,15 @@ class AdaptiveBatchSize(Callback):
     def _decide(self, trainer: Any, batch_size: int, throughput: float | None) -> None:
         assert self._estimator is not None and self._decider is not None
         est = self._estimator
+        # A spread measured over a handful of steps is itself too noisy to vouch for the
+        # estimate: report no uncertainty (untrusted) until the EMA holds enough steps.
+        settled = est.effective_sample_size >= _MIN_EFFECTIVE_STEPS
         obs = Observation(
             samples=self.samples,
             steps=self.steps,
             batch_size=batch_size,
             gns=est.gns,
-            gns_rel_std=est.gns_rel_std,
+            gns_rel_std=est.gns_rel_std if settled else None,
             throughput=throughput,
         )
         target = self._policy_impl.target(obs)
