@@ -18,6 +18,7 @@ _EXPORTS = {
     "PerExampleGradNorms": "adabatch.noise.per_example",
     "MicroBatchGradNorms": "adabatch.noise.microbatch",
     "ResizableBatchSampler": "adabatch.data",
+    "ResizableDataLoader": "adabatch.data",
     "EMA": "adabatch.ema",
 }
 

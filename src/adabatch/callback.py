@@ -190,7 +190,6 @@ class AdaptiveBatchSize(Callback):
         self._probe: PerExampleGradNorms | MicroBatchGradNorms | None = None
         self._source: str | None = None
         self._sampler: Any = None
-        self._loader_is_stateful = False
         self._world = 1
         self._micro0: int | None = None  # per-rank micro-batch at the start of the run
         self._ref: int | None = self.ref_batch_size
@@ -237,9 +236,6 @@ class AdaptiveBatchSize(Callback):
             state["decider"] = self._decider.state_dict()
         if self._policy_impl is not None and hasattr(self._policy_impl, "state_dict"):
             state["policy"] = self._policy_impl.state_dict()
-        if self._sampler is not None and not self._loader_is_stateful:
-            # A loader with state_dict (ResizableDataLoader) is checkpointed by Lightning.
-            state["sampler"] = self._sampler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -296,10 +292,12 @@ class AdaptiveBatchSize(Callback):
                 )
         else:
             self._sampler = _find_resizable_sampler(trainer)  # optional: exact resume
-        loader = trainer.train_dataloader
-        self._loader_is_stateful = hasattr(loader, "state_dict") and hasattr(
-            loader, "load_state_dict"
-        )
+        if self._sampler is not None and not hasattr(trainer.train_dataloader, "state_dict"):
+            rank_zero_warn(
+                "adabatch: the ResizableBatchSampler sits in a plain DataLoader, whose position "
+                "Lightning does not checkpoint; a run resumed mid-epoch restarts that epoch. "
+                "Use adabatch.data.ResizableDataLoader for an exact resume."
+            )
         self._attach_probe(pl_module)
         if self._restored is not None:
             self._apply_restored(trainer)
@@ -374,8 +372,6 @@ class AdaptiveBatchSize(Callback):
         self._pending = None if pending is None else Split(*pending)
         if self._split is not None:
             trainer.accumulate_grad_batches = self._split.accumulation
-        if self._sampler is not None and "sampler" in state:
-            self._sampler.load_state_dict(state["sampler"])
 
     def _build_policy(self) -> None:
         assert self._micro0 is not None
@@ -423,7 +419,6 @@ class AdaptiveBatchSize(Callback):
                         "at which your hyperparameters were tuned."
                     )
             self._build_policy()
-            self._notify_ema(trainer, start)
         self._local_samples += n
         # Lightning divides the loss by k; AMP multiplies it by the scaler's scale.
         scale = 1.0 / trainer.accumulate_grad_batches
@@ -438,6 +433,7 @@ class AdaptiveBatchSize(Callback):
         stats = self._measure(trainer, pl_module)
         self._step_stats = stats
         batch = int(stats["samples"])
+        self._notify_ema(trainer, batch)
         accepted = False
         if stats["b"] < batch:
             accepted = self._estimator.update(stats["small_sq"], stats["b"], stats["big_sq"], batch)
@@ -573,7 +569,6 @@ class AdaptiveBatchSize(Callback):
         self.history.append(
             {"step": self.steps, "samples": self.samples, "batch_size": new, "from": current}
         )
-        self._notify_ema(trainer, new)
 
     def _apply_pending(self, trainer: Any, epoch_start: bool = False) -> None:
         pending = self._pending
@@ -591,6 +586,11 @@ class AdaptiveBatchSize(Callback):
         self._pending = None
 
     def _notify_ema(self, trainer: Any, batch_size: int) -> None:
+        """Tell weight averaging the global batch of the step about to be taken.
+
+        The measured batch, not the decided one: a decision reaches training only after the
+        loader's prefetch (sampler) or an aligned boundary (accumulation).
+        """
         # adabatch.EMA, or any weight averaging whose decay can follow the batch.
         for cb in trainer.callbacks:
             if isinstance(cb, WeightAveraging) and hasattr(cb, "set_batch_size"):

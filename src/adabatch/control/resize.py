@@ -8,7 +8,8 @@ The global batch B = micro-batch per rank x accumulation steps k x world size. T
   ``batches_done_in_epoch % k_new == 0`` (or at an epoch start); until then it is pending.
   Otherwise the next step would mix a partial window into a loss divided by the new k.
 - ``sampler``: k = 1 and the micro-batch itself grows through a `ResizableBatchSampler`.
-  A change reaches the model after the loader's prefetch (one batch with ``num_workers=0``).
+  A change made after batch k reaches the model at batch k + 2 + prefetch_factor x
+  num_workers (Lightning's fetcher holds one batch ahead of a loader with no length).
 - ``auto``: grow the micro-batch up to ``max_micro_batch``, then accumulate.
 """
 
