@@ -1,0 +1,494 @@
+"""PerExampleGradNorms against torch.func.vmap(grad(...)) with functional_call, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from adabatch import PerExampleGradNorms
+from adabatch.noise import per_example
+
+F64 = torch.float64
+RTOL = 1e-6
+
+
+# ------------------------------------------------------------------------------ oracle
+def _mse(out, y):
+    """Per-example loss: half the summed squared error of each example ([B])."""
+    return 0.5 * (out - y).square().flatten(1).sum(1)
+
+
+def oracle(model, loss_fn, x, y, names=None):
+    """Per-example squared gradient norms over ``names`` (default: all trainable)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if names is not None:
+        params = {n: params[n] for n in names}
+    buffers = dict(model.named_buffers())
+
+    def loss_one(p, xi, yi):
+        out = functional_call(model, ({**p}, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return sum(v.flatten(1).square().sum(1) for v in g.values())
+
+
+def probe_norms(model, loss_fn, x, y, reduction="mean", **kw):
+    with PerExampleGradNorms(model, loss_reduction=reduction, **kw) as probe:
+        per = loss_fn(model(x), y)
+        (per.mean() if reduction == "mean" else per.sum()).backward()
+    return probe
+
+
+def check(model, x, y, loss_fn=_mse, expect_uncovered=(), **kw):
+    model = model.to(F64)
+    x = x.to(F64) if x.is_floating_point() else x
+    y = y.to(F64) if y.is_floating_point() else y
+    probe = probe_norms(model, loss_fn, x, y, **kw)
+    assert sorted(probe.uncovered) == sorted(expect_uncovered), probe.uncovered_reasons
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert probe.covered == [n for n in trainable if n not in expect_uncovered]
+    got = probe.sq_norms
+    expected = oracle(model, loss_fn, x, y, probe.covered)
+    assert got.dtype == F64 and got.shape == (x.shape[0],)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=0)
+    return probe
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class Wrap(nn.Module):
+    """A layer followed by tanh, so the loss is not quadratic in the layer's output."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x))
+
+
+# ------------------------------------------------------------------------------ layers
+@pytest.mark.parametrize("method", ["auto", "ghost", "materialize"])
+@pytest.mark.parametrize(
+    "shape, bias",
+    [((1, 5), True), ((4, 5), False), ((3, 1, 5), True), ((3, 7, 5), True), ((2, 2, 3, 5), True)],
+)
+def test_linear(shape, bias, method):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    check(Wrap(nn.Linear(5, 3, bias=bias)), x, torch.randn(*shape[:-1], 3), method=method)
+
+
+def test_linear_called_twice_in_one_forward():
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    check(Twice(), torch.randn(3, 2, 4), torch.randn(3, 2, 4))
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv1d(3, 4, 3), (1, 3, 7)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (3, 4, 11)),
+        (nn.Conv1d(2, 3, 4, padding="same", padding_mode="reflect"), (2, 2, 9)),
+        (nn.Conv2d(2, 3, 3, stride=(2, 1), padding=(1, 2), bias=False), (2, 2, 5, 6)),
+        (nn.Conv2d(4, 4, (3, 2), dilation=(1, 2), groups=4, padding_mode="circular",
+                   padding=1), (2, 4, 5, 7)),
+        (nn.Conv3d(2, 2, 2, stride=(1, 2, 1)), (2, 2, 3, 4, 3)),
+    ],
+)
+def test_conv(conv, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    y = torch.randn_like(conv(x))
+    check(Wrap(conv), x, y, max_chunk_elems=50)  # small budget: several example chunks
+
+
+class EmbedSum(nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, ids):
+        return torch.tanh(self.emb(ids))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 2])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 9), (3,), (2, 3, 4)])
+def test_embedding_repeats_and_padding(padding_idx, shape):
+    torch.manual_seed(0)
+    emb = nn.Embedding(4, 5, padding_idx=padding_idx)
+    ids = torch.randint(0, 4, shape)  # 4 ids over up to 24 positions: many repeats
+    check(EmbedSum(emb), ids, torch.randn(*shape, 5))
+
+
+def test_embedding_scale_grad_by_freq_is_uncovered():
+    emb = nn.Embedding(4, 3, scale_grad_by_freq=True)
+    probe = PerExampleGradNorms(EmbedSum(emb)).attach()
+    assert probe.uncovered == ["emb.weight"]
+    assert "scale_grad_by_freq" in probe.uncovered_reasons["emb.weight"]
+    probe.detach()
+
+
+@pytest.mark.parametrize(
+    "norm, shape",
+    [
+        (nn.LayerNorm(5), (3, 5)),
+        (nn.LayerNorm(7), (1, 4, 7)),
+        (nn.LayerNorm((2, 3)), (2, 4, 2, 3)),
+        (nn.LayerNorm(5, bias=False), (2, 3, 5)),
+        (nn.RMSNorm(5), (3, 4, 5)),
+        (nn.RMSNorm(3, eps=1e-3), (2, 3)),
+        (nn.GroupNorm(3, 6), (2, 6, 5)),
+        (nn.GroupNorm(2, 4), (3, 4, 3, 3)),
+        (nn.GroupNorm(1, 3), (2, 3)),
+    ],
+)
+def test_norm_layers(norm, shape):
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the default weight=1, bias=0
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    check(Wrap(norm), torch.randn(*shape), torch.randn(*shape))
+
+
+class Attn(nn.Module):
+    """Calls an nn.MultiheadAttention; masks are derived from x, so each example has its own."""
+
+    def __init__(self, mha, use_weights=False, kpm=False, mask3d=False, **call_kw):
+        super().__init__()
+        self.mha, self.use_weights, self.call_kw = mha, use_weights, call_kw
+        self.kpm, self.mask3d = kpm, mask3d
+
+    def forward(self, x):
+        kw = dict(self.call_kw)
+        if self.kpm:  # pad where x[..., 0] > 0.3, never the first position
+            pad = x[..., 0] > 0.3
+            pad[:, 0] = False
+            kw["key_padding_mask"] = pad
+        if self.mask3d:  # a float mask per (example, head): [B * heads, L, S]
+            h = self.mha.num_heads
+            m = (x @ x.transpose(1, 2)).detach().tanh()
+            kw["attn_mask"] = torch.stack([m * (k + 1) for k in range(h)], 1).flatten(0, 1)
+        q = x if self.mha.batch_first else x.transpose(0, 1)
+        kv = q[..., : self.mha.kdim] if self.mha.kdim != self.mha.embed_dim else q
+        out, w = self.mha(q, kv, kv, **kw)
+        out = out if self.mha.batch_first else out.transpose(0, 1)
+        if self.use_weights:  # the attention weights enter the loss too
+            w = w if w.dim() == 3 else w.mean(1)
+            return out + w.mean(-1, keepdim=True)
+        return out
+
+
+B, L = 3, 5
+
+
+@pytest.mark.parametrize(
+    "mha, call_kw",
+    [
+        (nn.MultiheadAttention(6, 2, batch_first=True), {}),
+        (nn.MultiheadAttention(6, 3), {"need_weights": False}),
+        (nn.MultiheadAttention(6, 2, batch_first=True), {"use_weights": True}),
+        (nn.MultiheadAttention(6, 2, batch_first=True),
+         {"use_weights": True, "average_attn_weights": False}),
+        (nn.MultiheadAttention(6, 2, batch_first=True, kdim=4, vdim=4), {}),
+        (nn.MultiheadAttention(6, 2, add_bias_kv=True, add_zero_attn=True), {}),
+        (nn.MultiheadAttention(6, 2, batch_first=True), {"kpm": True}),
+        (nn.MultiheadAttention(6, 2), {"kpm": True, "mask3d": True}),
+        (nn.MultiheadAttention(6, 2, batch_first=True),
+         {"attn_mask": torch.triu(torch.ones(L, L, dtype=torch.bool), 1)}),
+        (nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True),
+         {"attn_mask": torch.triu(torch.ones(L, L, dtype=torch.bool), 1), "is_causal": True,
+          "need_weights": False}),
+        (nn.MultiheadAttention(6, 2, batch_first=True),
+         {"attn_mask": torch.triu(torch.ones(L, L, dtype=torch.bool), 1), "is_causal": True,
+          "kpm": True}),
+    ],
+)
+@pytest.mark.parametrize("recompute", ["decomposed", "vmap"])
+def test_multihead_attention(mha, call_kw, recompute, monkeypatch):
+    rule = next(r for r in per_example._RULES if r.kind == "multihead_attention")
+    monkeypatch.setattr(rule, "recompute", recompute)
+    torch.manual_seed(0)
+    # a small chunk budget: the examples are processed in several chunks
+    check(Attn(mha, **call_kw), torch.randn(B, L, 6), torch.randn(B, L, 6), max_chunk_elems=600)
+
+
+def test_multihead_attention_called_twice_and_cross_attention():
+    torch.manual_seed(0)
+
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True)
+
+        def forward(self, x):
+            h = self.mha(x, x, x, need_weights=False)[0]
+            return self.mha(torch.tanh(h), x[:, :3], x[:, :3])[0]  # cross-attention, S != L
+
+    check(TwoCalls(), torch.randn(B, L, 6), torch.randn(B, L, 6))
+
+
+def test_multihead_attention_dropout():
+    torch.manual_seed(0)
+    model = Attn(nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True)).to(F64)
+    x, y = torch.randn(B, L, 6, dtype=F64), torch.randn(B, L, 6, dtype=F64)
+    names = [n for n, _ in model.named_parameters()]
+    probe = probe_norms(model, _mse, x, y)  # train mode: dropout masks cannot be recomputed
+    assert probe.uncovered == names and probe.covered == []
+    assert "dropout=0.5 in train mode" in probe.uncovered_reasons["mha.in_proj_weight"]
+    model.eval()  # eval mode: no dropout, exact
+    check(model, x, y)
+
+
+# ------------------------------------------------------------------------------ models
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=11, d=12, heads=3, T=7, tied=False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(T, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d + 1), nn.GELU(), nn.Linear(2 * d + 1, d))
+        self.ln_f = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device)).unsqueeze(0)
+        a = self.ln1(h)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=ids.device), 1)
+        h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        h = h + self.mlp(self.ln2(h))
+        return self.head(self.ln_f(h))
+
+
+def _lm_loss(logits, y):
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
+
+
+def test_tiny_transformer():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (4, 7))
+    # pos is an nn.Embedding called with ids of shape [T] (no batch dim): per the capture
+    # contract dim 0 must be the batch, so a positional table is given per-example ids here.
+    model = TinyTransformer()
+    model.forward = _batched_pos(model)
+    check(model, ids, torch.randint(0, 11, (4, 7)), loss_fn=_lm_loss)
+
+
+def _batched_pos(model):
+    def forward(ids):
+        B, T = ids.shape
+        pos = torch.arange(T).expand(B, T)
+        h = model.tok(ids) + model.pos(pos)
+        a = model.ln1(h)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        h = h + model.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
+        h = h + model.mlp(model.ln2(h))
+        return model.head(model.ln_f(h))
+
+    return forward
+
+
+def test_unbatched_positional_call_is_reported_not_wrong():
+    torch.manual_seed(0)
+    model = TinyTransformer().to(F64)
+    ids = torch.randint(0, 11, (4, 7))
+    probe = probe_norms(model, _lm_loss, ids, torch.randint(0, 11, (4, 7)))
+    with pytest.raises(RuntimeError, match="different batch sizes"):
+        probe.sq_norms  # noqa: B018
+
+
+def test_small_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, dilation=2, groups=2, padding=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 3, 3),
+    )
+    check(model, torch.randn(3, 2, 7, 5), torch.randn(3, 3))
+
+
+def test_tied_weights_are_uncovered_and_the_rest_exact():
+    torch.manual_seed(0)
+    model = TinyTransformer(tied=True)
+    model.forward = _batched_pos(model)
+    probe = check(model, torch.randint(0, 11, (3, 7)), torch.randint(0, 11, (3, 7)),
+                  loss_fn=_lm_loss, expect_uncovered=["tok.weight"])
+    assert "tied" in probe.uncovered_reasons["tok.weight"]
+
+
+def test_weight_also_used_functionally_is_detected_at_run_time():
+    torch.manual_seed(0)
+
+    class FunctionalHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.ln = nn.LayerNorm(4)
+
+        def forward(self, ids):
+            return F.linear(self.ln(self.emb(ids)), self.emb.weight)  # tied without a module
+
+    model = FunctionalHead().to(F64)
+    ids, y = torch.randint(0, 6, (3, 5)), torch.randint(0, 6, (3, 5))
+    probe = probe_norms(model, _lm_loss, ids, y)
+    got = probe.sq_norms
+    assert probe.uncovered == ["emb.weight"]
+    assert "used outside its module" in probe.uncovered_reasons["emb.weight"]
+    torch.testing.assert_close(got, oracle(model, _lm_loss, ids, y, probe.covered), rtol=RTOL,
+                               atol=0)
+
+
+def test_unsupported_module_is_uncovered():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(3, 3), Scale(), nn.Linear(3, 2))
+    model[2].weight.requires_grad_(False)  # frozen: neither covered nor uncovered
+    torch.manual_seed(0)
+    probe = check(model, torch.randn(4, 3), torch.randn(4, 2), expect_uncovered=["1.s"])
+    assert "unsupported module type Scale" in probe.uncovered_reasons["1.s"]
+    assert "2.weight" not in probe.covered + probe.uncovered
+
+
+def test_overridden_forward_is_uncovered():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    probe = PerExampleGradNorms(nn.Sequential(MyLinear(2, 2))).attach()
+    assert probe.uncovered == ["0.weight", "0.bias"]
+    assert "overrides forward" in probe.uncovered_reasons["0.weight"]
+    probe.detach()
+
+
+# ------------------------------------------------------------------------------ semantics
+def test_sum_and_mean_reduction_agree():
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(4, 3)).to(F64)
+    x, y = torch.randn(5, 2, 4, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+    mean = probe_norms(model, _mse, x, y, "mean").sq_norms
+    summed = probe_norms(model, _mse, x, y, "sum").sq_norms
+    torch.testing.assert_close(mean, summed, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean, oracle(model, _mse, x, y), rtol=RTOL, atol=0)
+
+
+def test_accumulation_with_grad_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    xs = [torch.randn(3, 4, dtype=F64) for _ in range(2)]
+    ys = [torch.randn(3, 2, dtype=F64) for _ in range(2)]
+    k = 2
+    with PerExampleGradNorms(model) as probe:
+        # micro-batch 1: Lightning's 1/k; micro-batch 2: an AMP-like loss scale on top.
+        probe.grad_scale = 1 / k
+        (_mse(model(xs[0]), ys[0]).mean() / k).backward()
+        probe.grad_scale = 64.0 / k
+        (_mse(model(xs[1]), ys[1]).mean() * 64.0 / k).backward()
+    expected = torch.cat([oracle(model, _mse, x, y) for x, y in zip(xs, ys)])
+    assert probe.sq_norms.shape == (6,)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+    assert probe.uncovered == []
+
+
+def test_attach_detach_reset_long_lived():
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(3, 2)).to(F64)
+    probe = PerExampleGradNorms(model).attach()
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
+    _mse(model(x), y).mean().backward()
+    assert probe.sq_norms.shape == (4,)
+    probe.reset()
+    assert probe.sq_norms.shape == (0,)
+    _mse(model(x[:2]), y[:2]).mean().backward()
+    torch.testing.assert_close(probe.sq_norms, oracle(model, _mse, x[:2], y[:2]), rtol=RTOL, atol=0)
+    with torch.no_grad():  # validation-style forwards are ignored
+        model(x)
+    model(x)  # a forward whose output never gets a gradient: harmless
+    probe.detach()
+    assert probe.sq_norms.shape == (2,)
+    assert not model.layer._forward_hooks
+
+
+def test_eval_mode_with_dropout_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 2)).eval()
+    check(model, torch.randn(5, 4), torch.randn(5, 2))
+
+
+def test_exception_inside_with_removes_hooks():
+    model = Wrap(nn.Linear(3, 2))
+    with pytest.raises(KeyError), PerExampleGradNorms(model):
+        model(torch.randn(2, 3)).sum().backward()
+        raise KeyError("boom")
+    assert not model.layer._forward_hooks
+    assert not model.layer.weight._backward_hooks
+
+
+def test_bf16_autocast_within_a_loose_bound():
+    torch.manual_seed(0)
+    model = TinyTransformer(d=16, heads=2)
+    model.forward = _batched_pos(model)
+    ids, y = torch.randint(0, 11, (4, 7)), torch.randint(0, 11, (4, 7))
+    with PerExampleGradNorms(model) as probe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        _lm_loss(logits.float(), y).mean().backward()
+    got = probe.sq_norms
+    assert got.dtype == torch.float32 and probe.uncovered == []
+    model64 = model.to(F64)
+    model64.forward = _batched_pos(model64)
+    expected = oracle(model64, _lm_loss, ids, y)
+    torch.testing.assert_close(got.double(), expected, rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_reduction": "avg"}, "loss_reduction='avg'"),
+        ({"method": "fast"}, "method='fast'"),
+        ({"max_chunk_elems": 0}, "max_chunk_elems=0"),
+        ({"grad_scale": 0.0}, "grad_scale=0.0"),
+        ({"grad_scale": float("nan")}, "grad_scale=nan"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PerExampleGradNorms(nn.Linear(2, 2), **kwargs)
+
+
+def test_bad_model_and_double_attach():
+    with pytest.raises(ValueError, match="got int"):
+        PerExampleGradNorms(3)
+    probe = PerExampleGradNorms(nn.Linear(2, 2)).attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        probe.attach()
+    probe.detach()
