@@ -492,3 +492,137 @@ def test_bad_model_and_double_attach():
     with pytest.raises(RuntimeError, match="already attached"):
         probe.attach()
     probe.detach()
+
+
+# ------------------------------------------------------------------------------ simultaneous
+class MLPSeq(nn.Module):
+    """Sequence MLP whose Linears take the simultaneous path (T >= 8, small i*o)."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6, bias=bias)
+        self.act = nn.ReLU(inplace=True)  # in-place on the simultaneous output
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 5), (2, 3, 4, 5), (1, 9, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_simultaneous_linear_is_exact_and_leaves_gradients_unchanged(shape, bias, monkeypatch):
+    calls = []
+    apply = per_example._SimultaneousLinear.apply
+    monkeypatch.setattr(per_example._SimultaneousLinear, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    model = MLPSeq(bias).to(F64)
+    plain = MLPSeq(bias).to(F64)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(*shape, dtype=F64, requires_grad=True)
+    y = torch.randn(*shape[:-1], 3, dtype=F64)
+    x_plain = x.detach().clone().requires_grad_()
+    _mse(plain(x_plain), y).mean().backward()
+    probe = check(model, x, y)
+    assert calls, "the simultaneous path was not taken"
+    expected = _grads(plain)
+    model.zero_grad()
+    x.grad = None
+    with PerExampleGradNorms(model):
+        _mse(model(x), y).mean().backward()
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, expected[n], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+    assert probe.uncovered == [] and "forward" not in model.fc1.__dict__  # detached
+
+
+def test_simultaneous_linear_called_twice_falls_back_exactly():
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    check(Twice(), torch.randn(3, 10, 4), torch.randn(3, 10, 4))
+
+
+def test_simultaneous_linear_under_create_graph():
+    torch.manual_seed(0)
+    model = MLPSeq().to(F64)
+    plain = MLPSeq().to(F64)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 10, 5, dtype=F64)
+
+    def penalty(m):  # a gradient penalty: differentiates through the weight gradient
+        loss = m(x).square().sum()
+        (g,) = torch.autograd.grad(loss, m.fc1.weight, create_graph=True)
+        return g.square().sum()
+
+    penalty(plain).backward()
+    with PerExampleGradNorms(model, loss_reduction="sum") as probe:
+        penalty(model).backward()
+    for n, g in _grads(plain).items():
+        torch.testing.assert_close(_grads(model)[n], g, rtol=1e-10, atol=1e-12)
+    # The penalty's gradient is not a sum of per-example loss gradients: the second backward
+    # reaches the layers' outputs again, and the probe says so instead of guessing.
+    assert probe.covered == [] and "finalised" in probe.uncovered_reasons["fc1.weight"]
+
+
+def test_simultaneous_bf16_autocast_gradients_close_to_plain():
+    torch.manual_seed(0)
+    model, plain = MLPSeq(), MLPSeq()
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 16, 5), torch.randn(4, 16, 3)
+    for m, probe in ((plain, None), (model, PerExampleGradNorms(model).attach())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        _mse(out.float(), y).mean().backward()
+        if probe is not None:
+            got = probe.sq_norms
+            probe.detach()
+    for n, g in _grads(plain).items():
+        torch.testing.assert_close(_grads(model)[n], g, rtol=2e-2, atol=2e-2)
+    model64 = model.to(F64)
+    expected = oracle(model64, _mse, x.double(), y.double())
+    torch.testing.assert_close(got.double(), expected, rtol=0.1, atol=0)
+
+
+def test_verify_every_paces_the_check():
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(3, 2)).to(F64)
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
+    probe = PerExampleGradNorms(model, verify_every=3).attach()
+    checked = []
+    for _ in range(7):
+        _mse(model(x), y).mean().backward()
+        checked.append(probe._check_now)
+        probe.reset()
+    probe.detach()
+    assert checked == [True, True, False, True, False, False, True]
+
+
+def test_deepcopy_while_attached_gives_an_independent_plain_model():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = MLPSeq().to(F64)
+    x = torch.randn(2, 10, 5, dtype=F64)
+    with PerExampleGradNorms(model):
+        twin = copy.deepcopy(model)  # e.g. an EMA copy made while the probe is attached
+        with torch.no_grad():
+            twin.fc1.weight.mul_(2)
+        assert not torch.allclose(twin(x), model(x))  # the copy uses its own weights
+        with pytest.raises((TypeError, AttributeError)):  # hooks and patch: not picklable
+            pickle.dumps(model)
+    expected = MLPSeq().to(F64)
+    expected.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(twin(x), expected(x))

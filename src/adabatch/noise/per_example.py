@@ -11,7 +11,12 @@ Rules (B examples, T positions per example; cost per example on top of the train
 
 * ``nn.Linear`` (any input rank; middle dims flattened to T): ghost norm ``<XX^T, GG^T>``
   (~2T^2(i+o) flops, T^2 memory) or materialised ``G^T X`` (~2T*i*o flops, i*o memory),
-  the cheaper one per call (``method="auto"``); bias ``|sum_t g_t|^2``.
+  the cheaper one per call (``method="auto"``); bias ``|sum_t g_t|^2``. Where neither is
+  cheap relative to the layer (T >= 8 and both > 25% of its forward+backward flops), the
+  layer's forward is swapped while attached for an ``autograd.Function`` that computes dW
+  from the per-example products and the norms in the same pass (Gray et al. 2024's
+  simultaneous method: no extra GEMM, the per-example products of a chunk of examples held
+  at a time).
 * ``nn.Conv1d/2d/3d`` (stride, padding incl. ``"same"`` and non-zero padding modes, dilation,
   groups): the input is unfolded (im2col, T = output positions, C*K/groups features per group,
   memory T*C*K per example, processed in chunks of examples) and each group is the Linear case.
@@ -34,8 +39,10 @@ reason in ``uncovered_reasons`` and are excluded from ``sq_norms`` for every pas
 
 The run-time check (``verify=True``) compares, per parameter and backward, a random rank-one
 projection ``u^T dW v`` of the real gradient (a tensor hook on the parameter) with the same
-projection of the sum of the rule's per-example gradients. It costs O(numel) per parameter per
-backward plus O(T(i+o)) per example, and no host sync until ``sq_norms`` is read.
+projection of the sum of the rule's per-example gradients. It costs O(numel) per parameter
+plus O(T(i+o)) per example, and no host sync until ``sq_norms`` is read; it runs on the first
+two passes after ``attach()`` and every ``verify_every``-th pass (a parameter used outside its
+module is a property of the model's code, so sampling finds it at the first pass).
 """
 
 from __future__ import annotations
@@ -115,6 +122,9 @@ class _Call:
     grad_versions: list[int] = field(default_factory=list)
     factor: float = 1.0
     done: bool = False
+    check: bool = False  # run the projection check on this pass
+    fused_sq: Tensor | None = None  # simultaneous Linear: per-example norms from backward
+    fused_proj: Tensor | None = None
 
     @property
     def complete(self) -> bool:
@@ -138,6 +148,8 @@ class _Rule:
 
     def refuse(self, module: nn.Module) -> str | None:
         """A reason the module cannot be covered at all, or None."""
+        if "forward" in module.__dict__:
+            return f"{type(module).__name__} has its forward replaced on the instance"
         for base in self.stock:
             if isinstance(module, base) and type(module).forward is not base.forward:
                 return (
@@ -182,20 +194,141 @@ class _LinearRule(_Rule):
         B = calls[0].batch
         i, o = m.in_features, m.out_features
         dt = _acc_dtype(*(c.captured["x"] for c in calls), *(c.grads[0] for c in calls))
-        x = _cat_t([c.captured["x"].reshape(B, -1, i).to(dt) for c in calls])
         g = _cat_t([c.grads[0].reshape(B, -1, o).to(dt) for c in calls])
         out = {}
-        if "weight" in unit.params:
+        if len(calls) == 1 and calls[0].fused_sq is not None:
+            # simultaneous path: the backward already produced dW and the norms together
+            out["weight"] = (calls[0].fused_sq, calls[0].fused_proj)
+        elif "weight" in unit.params:
+            x = _cat_t([c.captured["x"].reshape(B, -1, i).to(dt) for c in calls])
             sq = kernels.linear_sq_norms(x, g, probe.method, max_chunk_elems=probe.max_chunk_elems)
             proj = None
-            if probe.verify:
+            if probe._verify_now:
                 u, v = unit.vecs["weight"]
                 proj = torch.linalg.vecdot((g @ u).flatten(), (x @ v).flatten())
             out["weight"] = (sq, proj)
         if "bias" in unit.params:
-            proj = _proj_dense(unit.vecs["bias"], g.sum((0, 1))) if probe.verify else None
+            proj = _proj_dense(unit.vecs["bias"], g.sum((0, 1))) if probe._verify_now else None
             out["bias"] = (kernels.bias_sq_norms(g), proj)
         return out
+
+
+def _simultaneous_pays(T: int, i: int, o: int) -> bool:
+    """Whether replacing autograd's dW by per-example products (plus their squares) is cheaper.
+
+    Relative to a Linear's forward+backward (6T*i*o flops per example) the ghost norm costs
+    T(i+o)/(3*i*o) and the materialised one 1/3; the simultaneous method costs no extra flops
+    but runs dW as B small GEMMs and adds two passes over B*i*o products: measured 5-33% on
+    CPU (benchmarks/RESULTS.md). So it is used when the cheaper norm method costs > 25% and
+    T >= 8 (for T=1 the ghost norm |x|^2|g|^2 is nearly free).
+    """
+    return T >= 8 and min(T * (i + o) / (3 * i * o), 1 / 3) > 0.25
+
+
+class _SimultaneousLinear(torch.autograd.Function):
+    """``F.linear`` whose backward computes dW from per-example products, with their norms.
+
+    Gray et al. 2024's simultaneous method: the per-example products ``G_b^T X_b`` are formed
+    once (in chunks), square-summed into the norms and summed into dW, replacing the layer's
+    own weight-gradient GEMM. dX and db are what autograd computes for ``F.linear``. Under
+    autocast the inputs are cast as ``F.linear`` would be and dW is accumulated in float32 from
+    the cast values. With ``create_graph=True`` dW is computed differentiably and the norms
+    come from the ordinary rule.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, batch, sink):
+        # x is [N, i] with N = batch * T (flattened outside, so the output is not a view and
+        # in-place ops after the layer stay allowed).
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dt = torch.get_autocast_dtype(device)
+
+            def cast(t):
+                ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
+                return t.to(dt) if ok else t
+
+            xc, wc, bc = cast(x), cast(weight), cast(bias)
+        else:
+            xc, wc, bc = x, weight, bias
+        with torch.autocast(device, enabled=False):
+            out = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        ctx.sink, ctx.batch = sink, batch
+        ctx.w_dtype = weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, wc = ctx.saved_tensors
+        dx = dw = db = None
+        o, i = wc.shape
+        if ctx.needs_input_grad[0]:
+            dx = g @ wc
+        sq = None
+        if ctx.needs_input_grad[1]:
+            x3, g3 = xc.reshape(ctx.batch, -1, i), g.reshape(ctx.batch, -1, o)
+            if torch.is_grad_enabled():  # create_graph: a differentiable dW
+                dw = g3.flatten(0, 1).transpose(0, 1) @ x3.flatten(0, 1)
+            else:
+                dw, sq = kernels.linear_weight_grad_and_sq_norms(
+                    x3, g3, max_chunk_elems=ctx.sink.max_chunk_elems
+                )
+            dw = dw.to(ctx.w_dtype)
+        if ctx.needs_input_grad[2]:
+            db = g.sum(0).to(ctx.b_dtype)
+        ctx.sink(g, sq, dw)
+        return dx, dw, db, None, None
+
+
+class _Sink:
+    """Where a simultaneous backward reports: the call its forward hook recorded."""
+
+    __slots__ = ("probe", "max_chunk_elems", "unit", "call")
+
+    def __init__(self, probe: PerExampleGradNorms) -> None:
+        self.probe, self.max_chunk_elems = probe, probe.max_chunk_elems
+        self.unit: _Unit | None = None
+        self.call: _Call | None = None
+
+    def __call__(self, g: Tensor, sq: Tensor | None, dw: Tensor | None) -> None:
+        if self.unit is not None and self.call is not None:
+            self.probe._on_simultaneous_grad(self.unit, self.call, g, sq, dw)
+
+
+class _PatchedLinearForward:
+    """The instance ``forward`` of a covered nn.Linear while a probe is attached.
+
+    A deep copy of the module (an EMA model, say) gets a plain ``F.linear`` forward bound to
+    the copy, never this probe's; pickling the module while attached is refused.
+    """
+
+    def __init__(self, probe: PerExampleGradNorms, unit: _Unit) -> None:
+        self.probe, self.unit = probe, unit
+
+    def __call__(self, input: Tensor) -> Tensor:
+        return self.probe._linear_forward(self.unit, input)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        copy_of_module = memo.get(id(self.unit.module))
+        return self if copy_of_module is None else _PlainLinearForward(copy_of_module)
+
+    def __reduce__(self):
+        raise TypeError(
+            "a module with an attached PerExampleGradNorms probe cannot be pickled; call "
+            "probe.detach() first (state_dict() is fine)"
+        )
+
+
+class _PlainLinearForward:
+    """``F.linear`` with the module's own parameters (what a copied patched module gets)."""
+
+    def __init__(self, module: nn.Linear) -> None:
+        self.module = module
+
+    def __call__(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.module.weight, self.module.bias)
 
 
 def _unfold(x: Tensor, m: nn.modules.conv._ConvNd) -> Tensor:
@@ -252,7 +385,7 @@ class _ConvRule(_Rule):
                     xg, gg, probe.method, max_chunk_elems=probe.max_chunk_elems
                 )
                 w_sq[s : s + n] = sq.view(n, G).sum(1)
-                if probe.verify:
+                if probe._verify_now:
                     u, v = unit.vecs["weight"]
                     gu = torch.einsum("ntgo,go->ntg", g.view(n, T, G, -1), u.view(G, -1))
                     w_proj += torch.linalg.vecdot(gu.flatten(), (x.view(n, T, G, -1) @ v).flatten())
@@ -261,9 +394,9 @@ class _ConvRule(_Rule):
                 b_total += g.sum((0, 1))
         out = {}
         if want_w:
-            out["weight"] = (w_sq, w_proj if probe.verify else None)
+            out["weight"] = (w_sq, w_proj if probe._verify_now else None)
         if want_b:
-            proj = _proj_dense(unit.vecs["bias"], b_total) if probe.verify else None
+            proj = _proj_dense(unit.vecs["bias"], b_total) if probe._verify_now else None
             out["bias"] = (b_sq, proj)
         return out
 
@@ -296,7 +429,7 @@ class _EmbeddingRule(_Rule):
             ids, g, m.padding_idx, max_chunk_elems=probe.max_chunk_elems
         )
         proj = None
-        if probe.verify:
+        if probe._verify_now:
             u, v = unit.vecs["weight"]
             terms = u[ids] * (g @ v)
             if m.padding_idx is not None:
@@ -349,13 +482,13 @@ class _NormRule(_Rule):
         out = {}
         if "weight" in unit.params:
             proj = None
-            if probe.verify:
+            if probe._verify_now:
                 u, v = unit.vecs["weight"]
                 r = torch.outer(u, v).flatten()
                 proj = torch.linalg.vecdot(xhat.flatten(), (g * r).flatten())
             out["weight"] = (w_sq, proj)
         if "bias" in unit.params:
-            proj = _proj_dense(unit.vecs["bias"], g.sum((0, 1))) if probe.verify else None
+            proj = _proj_dense(unit.vecs["bias"], g.sum((0, 1))) if probe._verify_now else None
             out["bias"] = (b_sq, proj)
         return out
 
@@ -570,7 +703,7 @@ class _MultiheadAttentionRule(_Rule):
                         sq[n][s:e] += kernels.linear_sq_norms(
                             x, g, probe.method, max_chunk_elems=probe.max_chunk_elems
                         )
-                        if probe.verify:
+                        if probe._verify_now:
                             u, v = unit.vecs[n]
                             proj[n] += torch.linalg.vecdot(
                                 (g @ u[rows]).flatten(), (x @ v).flatten()
@@ -583,10 +716,10 @@ class _MultiheadAttentionRule(_Rule):
                     g = sum(p["d_" + n] for p in parts)
                     sq[n][s:e] = torch.linalg.vecdot(g, g)
                     dense[n] += g.sum(0).view_as(dense[n])
-        if probe.verify:
+        if probe._verify_now:
             for n in dense:
                 proj[n] = _proj_dense(unit.vecs[n], dense[n])
-        return {n: (sq[n], proj[n] if probe.verify else None) for n in names}
+        return {n: (sq[n], proj[n] if probe._verify_now else None) for n in names}
 
     # ---- generic: per-example recompute with torch.func
     def _compute_vmap(self, unit, calls, probe):
@@ -650,7 +783,7 @@ class _MultiheadAttentionRule(_Rule):
                 sq[n][s : s + step] = torch.linalg.vecdot(acc[n].flatten(1), acc[n].flatten(1))
                 totals[n] += acc[n].sum(0)
         return {
-            n: (sq[n], _proj_dense(unit.vecs[n], totals[n]) if probe.verify else None)
+            n: (sq[n], _proj_dense(unit.vecs[n], totals[n]) if probe._verify_now else None)
             for n in names
         }
 
@@ -698,6 +831,7 @@ class _Unit:
     calls: list[_Call] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     broken: bool = False
+    patched: bool = False  # forward replaced by the simultaneous Linear
 
 
 # -------------------------------------------------------------------------------------- probe
@@ -725,8 +859,15 @@ class PerExampleGradNorms:
             are multiplied by B), ``"sum"`` if it sums them.
         method: linear-layer method, ``"auto"`` (cheaper per call), ``"ghost"`` or
             ``"materialize"``.
-        verify: run the per-backward check that each covered parameter's real gradient matches
-            what its rule saw (catches weights also used outside their module).
+        simultaneous: let covered ``nn.Linear`` layers compute their weight gradient and the
+            norms in one pass where that is cheaper (Gray et al. 2024): the layer's forward is
+            replaced, while attached, by an ``autograd.Function`` with the same forward, dX and
+            db, whose dW is the sum of the per-example products (same value up to float
+            rounding; float32 accumulation under autocast). ``False`` leaves autograd alone.
+        verify: check that each covered parameter's real gradient matches what its rule saw
+            (catches weights also used outside their module), on the first two passes after
+            ``attach()`` and every ``verify_every``-th pass after that.
+        verify_every: spacing of the checked passes.
         max_chunk_elems: bound on the elements of per-chunk temporaries.
         grad_scale: initial value of the ``grad_scale`` attribute.
 
@@ -760,7 +901,9 @@ class PerExampleGradNorms:
         loss_reduction: str = "mean",
         *,
         method: str = "auto",
+        simultaneous: bool = True,
         verify: bool = True,
+        verify_every: int = 64,
         max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         grad_scale: float = 1.0,
     ) -> None:
@@ -774,14 +917,21 @@ class PerExampleGradNorms:
             raise ValueError(f"max_chunk_elems={max_chunk_elems!r} must be an int >= 1")
         if max_chunk_elems < 1:
             raise ValueError(f"max_chunk_elems={max_chunk_elems!r} must be an int >= 1")
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 1:
+            raise ValueError(f"verify_every={verify_every!r} must be an int >= 1")
         self.model = model
         self.loss_reduction = loss_reduction
         self.method = method
+        self.simultaneous = bool(simultaneous)
         self.verify = bool(verify)
+        self.verify_every = verify_every
         self.max_chunk_elems = max_chunk_elems
         self.grad_scale = grad_scale
         self._attached = False
         self._computing = False
+        self._verify_now = self._check_now = self._saw_grad = False
+        self._passes = 0  # passes since attach (not reset by reset()): paces the check
+        self._fused_sinks: dict[int, _Sink] = {}
         self._units: list[_Unit] = []
         self._names: dict[int, str] = {}
         self._static_reasons: dict[int, str] = {}
@@ -849,7 +999,8 @@ class PerExampleGradNorms:
             if len(set(sizes.values())) > 1:
                 raise RuntimeError(
                     f"parameters saw different batch sizes in one pass: {sizes}; dim 0 of every "
-                    "input to a covered module must be the batch"
+                    "input to a covered module must be the batch (e.g. index a positional "
+                    "embedding with arange(T).expand(B, T), not arange(T))"
                 )
             device = next(iter(per.values())).device
             rows.append(sum(sq.to(device) for sq in per.values()))
@@ -865,6 +1016,7 @@ class PerExampleGradNorms:
         self._analyse()
         self._clear_results()
         self._runtime_reasons = {}
+        self._passes, self._saw_grad, self._check_now = 0, False, False
         try:
             for unit in self._units:
                 unit.handles.append(
@@ -872,6 +1024,11 @@ class PerExampleGradNorms:
                         self._make_forward_hook(unit), prepend=True, with_kwargs=True
                     )
                 )
+            if self.simultaneous:
+                for unit in self._units:
+                    if isinstance(unit.rule, _LinearRule) and "weight" in unit.params:
+                        unit.module.forward = self._make_linear_forward(unit)
+                        unit.patched = True
             if self.verify:
                 for unit in self._units:
                     for lname, p in unit.params.items():
@@ -980,6 +1137,9 @@ class PerExampleGradNorms:
         return hook
 
     def _on_forward(self, unit: _Unit, module, args, kwargs, output) -> None:
+        sink = self._fused_sinks.pop(id(module), None)
+        if module is not unit.module:
+            return  # a deep copy of the module carries the hook dict along: not ours
         if unit.broken or self._computing or not torch.is_grad_enabled():
             return  # (a rule's own recomputation calls the module too)
         if _inside_func_transform():
@@ -988,11 +1148,15 @@ class PerExampleGradNorms:
         index = [j for j, o in enumerate(outs) if isinstance(o, Tensor) and o.requires_grad]
         if not index:
             return
-        if not _inside_backward() and self._saw_grad:
+        if not _inside_backward() and (self._saw_grad or not self._passes):
             # First forward after a backward: a new pass. (A forward during backward is an
             # activation-checkpoint recomputation and belongs to the running pass.)
-            self._gen += 1
+            if self._saw_grad:
+                self._gen += 1
             self._saw_grad = False
+            self._passes += 1
+            k = self._passes - 1
+            self._check_now = self.verify and (k < 2 or k % self.verify_every == 0)
         if unit.calls and unit.calls[0].gen != self._gen:
             self._finalize(unit)
         try:
@@ -1014,10 +1178,50 @@ class PerExampleGradNorms:
             out_index=index,
             grads=[None] * len(index),
             grad_versions=[0] * len(index),
+            check=self._check_now,
         )
         unit.calls.append(call)
+        if sink is not None:  # simultaneous Linear: its backward reports the output-grad
+            sink.unit, sink.call = unit, call
+            return
         for k, j in enumerate(index):
             outs[j].register_hook(self._make_grad_hook(unit, call, k))
+
+    def _make_linear_forward(self, unit: _Unit) -> Callable:
+        return _PatchedLinearForward(self, unit)
+
+    def _linear_forward(self, unit: _Unit, input: Tensor) -> Tensor:
+        module = unit.module
+        w = module.weight
+        if (
+            not unit.broken
+            and not self._computing
+            and torch.is_grad_enabled()
+            and w.requires_grad
+            and input.dim() >= 2
+            and input.shape[0] > 0
+            and not _inside_func_transform()
+            and not _inside_backward()
+            and _simultaneous_pays(
+                input.numel() // (input.shape[0] * w.shape[1]), w.shape[1], w.shape[0]
+            )
+        ):
+            sink = _Sink(self)
+            x2 = input.reshape(-1, w.shape[1])
+            out = _SimultaneousLinear.apply(x2, w, module.bias, input.shape[0], sink)
+            self._fused_sinks[id(module)] = sink  # the forward hook picks it up
+            return out.view(*input.shape[:-1], w.shape[0])
+        return F.linear(input, w, module.bias)
+
+    def _on_simultaneous_grad(
+        self, unit: _Unit, call: _Call, g: Tensor, sq: Tensor | None, dw: Tensor | None
+    ) -> None:
+        if sq is not None and not call.done and not unit.broken:
+            call.fused_sq = sq
+            if call.check and "weight" in unit.vecs and dw is not None:
+                u, v = unit.vecs["weight"]
+                call.fused_proj = u @ dw.to(u.dtype) @ v
+        self._on_grad(unit, call, 0, g)
 
     def _make_grad_hook(self, unit: _Unit, call: _Call, k: int) -> Callable:
         def hook(g: Tensor) -> None:
@@ -1054,7 +1258,7 @@ class PerExampleGradNorms:
 
     def _on_param_grad(self, pid: int, g: Tensor) -> None:
         self._saw_grad = True
-        if g.is_sparse or pid in self._runtime_reasons:
+        if not self._check_now or g.is_sparse or pid in self._runtime_reasons:
             return
         u, v = self._vecs[pid]
         with torch.no_grad():
@@ -1097,7 +1301,7 @@ class PerExampleGradNorms:
             self._break(unit, f"calls in one pass had different batch sizes {sizes}")
             return
         factors = [c.factor for c in calls]
-        verify = self.verify
+        verify = self.verify and calls[0].check
         if any(f != factors[0] for f in factors):
             # grad_scale changed between calls of one pass: rescale to the first call's units;
             # the projection check would compare rescaled against raw gradients, so skip it.
@@ -1115,7 +1319,7 @@ class PerExampleGradNorms:
             for t in (*c.grads, *(v for v in c.captured.values() if isinstance(v, Tensor)))
         )
         device = calls[0].grads[0].device
-        self._computing = True
+        self._computing, self._verify_now = True, verify
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 results = unit.rule.compute(unit, calls, self)
@@ -1126,7 +1330,7 @@ class PerExampleGradNorms:
             self._break(unit, f"norm rule failed: {exc!r}")
             return
         finally:
-            self._computing = False
+            self._computing = self._verify_now = False
         scale = factors[0] ** 2
         for lname, (sq, proj) in results.items():
             p = unit.params[lname]
@@ -1182,19 +1386,25 @@ class PerExampleGradNorms:
         for h in unit.handles:
             h.remove()
         unit.handles = []
+        if unit.patched:
+            unit.module.__dict__.pop("forward", None)
+            unit.patched = False
 
     def _remove_hooks(self) -> None:
         for unit in self._units:
             for h in unit.handles:
                 h.remove()
             unit.handles = []
+            if unit.patched:
+                unit.module.__dict__.pop("forward", None)
+                unit.patched = False
+        self._fused_sinks = {}
         for h in self._param_hooks:
             h.remove()
         self._param_hooks = []
 
     def _clear_results(self) -> None:
         self._gen = 0
-        self._saw_grad = False
         self._results: dict[int, dict[int, Tensor]] = {}
         self._ours_proj: dict[tuple[int, int], tuple[Tensor, Tensor, float]] = {}
         self._hook_proj: dict[tuple[int, int], tuple[Tensor, Tensor, float]] = {}

@@ -121,7 +121,9 @@ class CharLMData(TaskData):
         max_val_windows: cap on validation windows (keeps validation fast).
         root: corpus directory; defaults to the interpreter's stdlib.
         num_workers: DataLoader workers.
-        seed: seed of the training window offsets.
+        resizable: a resizable training loader (see `TaskData`), for ``adabatch.resize:
+            sampler|auto``.
+        seed: seed of the training window offsets (and of the resizable sampler).
 
     Example::
 
@@ -141,9 +143,11 @@ class CharLMData(TaskData):
         max_val_windows: int = 512,
         root: str | None = None,
         num_workers: int = 0,
+        resizable: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resizable=resizable,
+                         seed=seed)
         check_positive("context", context)
         check_positive("max_bytes", max_bytes)
         check_positive("max_val_windows", max_val_windows)
@@ -153,7 +157,6 @@ class CharLMData(TaskData):
         self.val_fraction = val_fraction
         self.max_val_windows = max_val_windows
         self.root = root
-        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -257,7 +260,7 @@ class CharLM(TaskModule):
         n_heads: int = 4,
         context: int = 64,
         mlp_ratio: int = 4,
-        lr: float = 3e-3,
+        lr: float = 2e-3,
         optimizer: OptimizerName = "adamw",
         momentum: float = 0.0,
         weight_decay: float = 0.0,

@@ -17,6 +17,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from adabatch.data import ResizableBatchSampler, ResizableDataLoader
+
 OptimizerName = Literal["sgd", "adamw"]
 
 
@@ -136,16 +138,24 @@ class TaskData(LightningDataModule):
     Args:
         batch_size: micro-batch per rank.
         num_workers: DataLoader workers.
+        resizable: train through a `ResizableDataLoader` (a `ResizableBatchSampler` seeded with
+            ``seed``), which ``adabatch.resize: sampler|auto`` needs to grow the micro-batch.
+            It has no length: ``val_check_interval``/``limit_train_batches`` must be ints, and
+            under DDP set ``trainer.use_distributed_sampler: false`` (the sampler shards).
+        seed: shuffling seed of the resizable sampler (the plain loader uses the global seed).
     """
 
     shuffle_train = True
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, resizable: bool = False,
+                 seed: int = 0) -> None:
         super().__init__()
         check_positive("batch_size", batch_size)
         check_positive("num_workers", num_workers, allow_zero=True)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.resizable = resizable
+        self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -158,7 +168,15 @@ class TaskData(LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        if not self.resizable:
+            return self._loader(self.train_set, train=True)
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders")
+        sampler = ResizableBatchSampler(self.train_set, self.batch_size,
+                                        shuffle=self.shuffle_train, seed=self.seed,
+                                        drop_last=True)
+        return ResizableDataLoader(self.train_set, sampler, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

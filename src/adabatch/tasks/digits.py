@@ -42,7 +42,10 @@ class DigitsData(TaskData):
         batch_size: micro-batch per rank.
         val_fraction: fraction of the 1797 images held out.
         num_workers: DataLoader workers.
-        seed: seed of the split (independent of the global seed).
+        resizable: a resizable training loader (see `TaskData`), for ``adabatch.resize:
+            sampler|auto``.
+        seed: seed of the split (independent of the global seed) and of the resizable
+            sampler.
 
     Example::
 
@@ -53,11 +56,11 @@ class DigitsData(TaskData):
     """
 
     def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, num_workers: int = 0,
-                 seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+                 resizable: bool = False, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resizable=resizable,
+                         seed=seed)
         check_fraction("val_fraction", val_fraction)
         self.val_fraction = val_fraction
-        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -135,7 +135,9 @@ class LeastSquaresData(TaskData):
             the measured noise scale by about B_simple / N (DESIGN.md).
         val_samples: size of the fixed validation set.
         num_workers: DataLoader workers.
-        seed: seed of the data draws.
+        resizable: a resizable training loader (see `TaskData`), for ``adabatch.resize:
+            sampler|auto``.
+        seed: seed of the data draws (and of the resizable sampler).
 
     Example::
 
@@ -157,9 +159,11 @@ class LeastSquaresData(TaskData):
         fresh: bool = False,
         val_samples: int = 4096,
         num_workers: int = 0,
+        resizable: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resizable=resizable,
+                         seed=seed)
         check_positive("num_samples", num_samples)
         check_positive("val_samples", val_samples)
         self.problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=condition,
@@ -169,7 +173,6 @@ class LeastSquaresData(TaskData):
         # Fresh samples need no shuffling: every index is already an independent draw.
         self.shuffle_train = not fresh
         self.val_samples = val_samples
-        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

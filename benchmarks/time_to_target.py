@@ -1,0 +1,769 @@
+"""Optimizer steps and samples to a target loss: fixed batch sizes against adaptive ones.
+
+The claim under test (issue 6): batch sizes driven by the measured gradient noise scale
+reach a target loss in fewer optimizer steps than any fixed batch size that spends the same
+number of samples.
+
+Protocol, per task (synthetic least squares, char-LM, digits):
+
+1. *Calibration seed* (seed 0). Every fixed batch size B of a grid is trained with each of
+   three learning rates; its best (fewest steps to target) is kept. Every adaptive setting
+   of a grid (policy ``noise`` with several ``c`` / exponents, ``ramp``, ``goodput``, each
+   with three learning rates) is trained once. The adaptive setting with the largest step
+   saving against the calibration frontier (below) is selected per policy. All settings are
+   printed and written to RESULTS.md, selected or not.
+2. *Evaluation seeds* (1, 2, 3; new initialisation and data order). Each fixed B at its
+   calibrated learning rate and each selected adaptive setting are rerun; medians and
+   ranges over these seeds are reported. A quick run (``--quick``) has one seed, which is
+   then both calibration and evaluation (flagged).
+
+The fixed-batch *frontier* is the set of (samples, steps) to target of the fixed runs that
+no other fixed run beats in both; between its points the steps at a given number of samples
+are interpolated linearly in log-log. The *step saving* of an adaptive run is
+``1 - steps / frontier(samples)``, computed against the same seed's frontier and summarised by
+the median over seeds. An adaptive run that needs fewer samples than any fixed run is compared
+with the fixed run that needs the fewest (which spends more samples: conservative for the
+adaptive run); one that needs more samples than all with the last frontier point.
+
+Model prediction (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+App. D). Fitting ``S = S_min + E_min / B`` to the fixed runs gives S_min, E_min; at a sample
+overhead ``x = E / E_min - 1`` a fixed batch needs ``S_min (1 + 1/x)`` steps and the best
+adaptive schedule (B proportional to sqrt(B_noise)) ``S_min (1 + gamma/x)``, with
+``gamma = <sqrt(B_noise)>^2 / <B_noise>`` averaged over training progress. Progress is
+McCandlish's minimal-step count: one step at batch B counts ``dS_min = B / (B + B_noise)``.
+The schedule actually used gets ``P = <B_noise/B> <B> / <B_noise>`` in place of gamma
+(``P = 1`` for B = c B_noise: the model predicts no saving for the linear policy; gamma <= P).
+B_noise is the measured B_simple (and, on the synthetic task, the exact one). The model assumes
+each fixed batch runs at its per-step optimal learning rate (a decaying one as B_noise grows);
+the fixed runs here use a constant learning rate, so measured savings can exceed the model's.
+
+Learning rates of the adaptive runs: ``lr_rule="none"`` keeps the learning rate constant while
+the batch grows, so the gradient noise per step (the "temperature" lr/B) falls as training
+approaches the noise floor: Smith et al. 2018, "Don't Decay the Learning Rate, Increase the
+Batch Size". With B = c B_noise this is also what McCandlish et al.'s per-step optimal rate
+``eps_max / (1 + B_noise / B)`` prescribes: a constant. A setting with the library's default
+rule (``lr_rule="auto"``: linear for SGD, sqrt for Adam, relative to ``ref_batch_size``) is
+included on each task for comparison; it keeps lr/B (SGD) fixed, i.e. preserves the dynamics of
+the reference batch in samples (see ``rule_fidelity.py``), which saves steps only relative to
+that reference batch.
+
+    python benchmarks/time_to_target.py --quick     # < 60 s: synthetic, 1 seed, tiny grids
+    python benchmarks/time_to_target.py             # all tasks, 1 + 3 seeds, figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Progress, RunRecord, fmt, median_range  # noqa: E402
+
+SECTION = "time_to_target"
+TASKS = ("synthetic", "charlm", "digits")
+GOALS = {"synthetic": 0.25, "charlm": 0.20, "digits": 0.10}
+
+
+# ============================================================================ settings
+@dataclass(frozen=True)
+class Adaptive:
+    """One adaptive setting: a policy, its knobs and the learning-rate handling."""
+
+    policy: str  # noise | ramp | goodput
+    lr_scale: float  # lr = lr_scale * the best fixed lr of the largest batch (lr_rule none)
+    c: float = 0.25
+    exponent: float = 1.0
+    ramp_frac: float = 0.5  # ramp over this fraction of the smallest fixed batch's samples
+    lr_rule: str = "none"
+
+    def label(self) -> str:
+        if self.policy == "noise":
+            knobs = f"noise c={self.c:g} p={self.exponent:g}"
+        elif self.policy == "ramp":
+            knobs = f"ramp over {self.ramp_frac:g} N(B_min)"
+        else:
+            knobs = self.policy
+        if self.lr_rule == "none":
+            return f"{knobs}, lr {self.lr_scale:g} x lr*(B_max), const"
+        return f"{knobs}, lr rule {self.lr_rule} from B_min"
+
+
+@dataclass
+class Task:
+    """A task's data, model, target and grids. ``build`` fills the callables."""
+
+    name: str
+    target: float
+    target_text: str
+    batches: list[int]
+    lr_center: Callable[[int], float]  # centre of the 3-point lr sweep at batch B
+    lr_factors: tuple[float, ...]
+    adaptive: list[Adaptive]
+    half_life: float  # estimator half-life in samples
+    max_samples: int
+    max_steps: int
+    schedule: Callable[[int], bool]
+    make_model: Callable[[float], Any] = None  # type: ignore[assignment]
+    make_dataset: Callable[[int], Any] = None  # type: ignore[assignment]
+    eval_fn: Callable[[Any], float] = None  # type: ignore[assignment]
+    extra_fn: Callable[[Any], dict[str, float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _noise_grid(lr_scales, cs_lin, cs_sqrt, ramp_fracs, goodput=True) -> list[Adaptive]:
+    out = []
+    for s in lr_scales:
+        out += [Adaptive("noise", s, c=c, exponent=1.0) for c in cs_lin]
+        out += [Adaptive("noise", s, c=c, exponent=0.5) for c in cs_sqrt]
+        out += [Adaptive("ramp", s, ramp_frac=f) for f in ramp_fracs]
+        if goodput:
+            out.append(Adaptive("goodput", s))
+    return out
+
+
+def synthetic_task(quick: bool) -> Task:
+    from adabatch.tasks.synthetic import LeastSquaresModel, LeastSquaresProblem
+
+    dim, cond, noise_std = (16, 10.0, 1.0) if quick else (32, 10.0, 1.0)
+    excess = 0.2 if quick else 0.05
+    problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=cond, seed=0)
+    target = 0.5 * noise_std**2 * (1 + excess)
+    lam_max = float(problem.spectrum.max())
+    if quick:
+        batches = [8, 32, 128]
+        adaptive = [Adaptive("noise", 0.5, c=0.25), Adaptive("ramp", 0.5, ramp_frac=0.5),
+                    Adaptive("goodput", 0.5)]
+    else:
+        batches = [8, 16, 32, 64, 128, 256, 512, 1024]
+        adaptive = _noise_grid((0.25, 0.5, 1.0), (0.1, 0.25, 0.5), (2.0, 4.0, 8.0),
+                               (0.25, 0.5, 1.0))
+        adaptive.append(Adaptive("noise", 1.0, c=0.25, lr_rule="auto"))
+    max_samples = 60_000 if quick else 150_000
+    task = Task(
+        name="synthetic",
+        target=target,
+        target_text=(f"exact population loss <= {target:.4g} (noise floor {0.5 * noise_std**2:g}"
+                     f" + {excess:g} of it), from w = 0"),
+        batches=batches,
+        # Linear scaling up to the curvature limit ~1/lambda_max; the constant comes from the
+        # mean-field recursion of SGD on this problem (optimum lr ~ B / 800 at dim 32).
+        lr_center=lambda B: min(B / 800.0, 1.0 / lam_max),
+        lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
+        adaptive=adaptive,
+        half_life=1000.0,
+        max_samples=max_samples,
+        max_steps=5000,
+        schedule=common.every_step,
+        notes=[f"least squares dim={dim}, condition={cond:g}, noise_std={noise_std:g}, "
+               f"lambda_max={lam_max:.3g}; SGD (no momentum); fresh examples (a fixed draw of "
+               f"{max_samples} per seed, fewer than that used per run); loss evaluated exactly "
+               "every step"],
+    )
+    model_cls = common.quiet_module(LeastSquaresModel)
+
+    def make_model(lr: float):
+        return model_cls(dim=dim, noise_std=noise_std, condition=cond, lr=lr, optimizer="sgd",
+                         init_scale=0.0)
+
+    def make_dataset(seed: int):
+        g = torch.Generator().manual_seed(1000 + seed)
+        x, y = problem.sample(max_samples, g)
+        return common.BatchedTensorDataset(x.float(), y.float())
+
+    def eval_fn(module) -> float:
+        return float(problem.loss(module.linear.weight))
+
+    def extra_fn(module) -> dict[str, float]:
+        return {"exact_gns": float(problem.exact_stats(module.linear.weight)["gns"])}
+
+    task.make_model, task.make_dataset = make_model, make_dataset
+    task.eval_fn, task.extra_fn = eval_fn, extra_fn
+    return task
+
+
+def charlm_task(quick: bool) -> Task:
+    from adabatch.tasks.charlm import CharLM, CharLMData
+
+    context, d_model = 32, 32
+    data = CharLMData(batch_size=8, context=context, max_bytes=1_500_000, max_val_windows=256)
+    data.setup("fit")
+    train = common.BatchedWindows(data.train_set)
+    val = common.BatchedWindows(data.val_set)
+    val_x, val_y = val.__getitems__(list(range(len(val))))
+    target = 2.5
+    task = Task(
+        name="charlm",
+        target=target,
+        target_text=f"validation cross-entropy <= {target:g} nats/byte "
+                    f"({len(val)} windows of {context} bytes)",
+        batches=[8, 16, 32, 64, 128] if quick else [4, 8, 16, 32, 64, 128, 256],
+        lr_center=lambda B: min(3e-3 * math.sqrt(B / 16.0), 2e-2),
+        lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
+        adaptive=_noise_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
+            Adaptive("noise", 1.0, c=0.25, lr_rule="auto")],
+        half_life=4000.0,
+        max_samples=60_000,
+        max_steps=4000,
+        schedule=common.geometric_schedule(1.04, 20),
+        notes=[f"byte-level transformer d_model={d_model}, 2 layers, 2 heads, context "
+               f"{context}, on {len(train)} training windows of stdlib source; AdamW "
+               "betas (0.9, 0.99), no weight decay; validation loss at steps 1..20, then "
+               "every 4%"],
+    )
+    model_cls = common.quiet_module(CharLM)
+
+    def make_model(lr: float):
+        return model_cls(d_model=d_model, n_layers=2, n_heads=2, context=context, lr=lr,
+                         optimizer="adamw", weight_decay=0.0, betas=(0.9, 0.99))
+
+    def eval_fn(module) -> float:
+        return float(module.loss((val_x, val_y)))
+
+    task.make_model, task.make_dataset, task.eval_fn = make_model, (lambda seed: train), eval_fn
+    return task
+
+
+def digits_task(quick: bool) -> Task:
+    from adabatch.tasks.digits import DigitsCNN, DigitsData
+
+    data = DigitsData(batch_size=8)
+    data.setup("fit")
+    train = common.BatchedTensorDataset(*data.train_set.tensors)
+    val_x, val_y = data.val_set.tensors
+    target = 0.15
+    task = Task(
+        name="digits",
+        target=target,
+        target_text=f"validation cross-entropy <= {target:g} ({len(val_y)} held-out digits)",
+        batches=[8, 16, 32, 64, 128, 256, 512],
+        lr_center=lambda B: min(0.01 * B / 16.0, 0.2),
+        lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
+        adaptive=_noise_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
+            Adaptive("noise", 1.0, c=0.25, lr_rule="auto")],
+        half_life=2000.0,
+        max_samples=200_000,
+        max_steps=4000,
+        schedule=common.geometric_schedule(1.04, 20),
+        notes=[f"CNN channels (8, 16), hidden 32 on {len(train)} scikit-learn digits; SGD "
+               "momentum 0.9; validation loss at steps 1..20, then every 4%"],
+    )
+    model_cls = common.quiet_module(DigitsCNN)
+
+    def make_model(lr: float):
+        return model_cls(channels=(8, 16), hidden=32, lr=lr, optimizer="sgd", momentum=0.9)
+
+    def eval_fn(module) -> float:
+        return float(module.loss((val_x, val_y)))
+
+    task.make_model, task.make_dataset, task.eval_fn = make_model, (lambda seed: train), eval_fn
+    return task
+
+
+BUILDERS = {"synthetic": synthetic_task, "charlm": charlm_task, "digits": digits_task}
+
+
+# ============================================================================ running
+@dataclass
+class Result:
+    kind: str  # fixed | adaptive
+    label: str
+    seed: int
+    batch: int | None
+    lr: float
+    record: RunRecord
+    setting: Adaptive | None = None
+
+    @property
+    def steps(self) -> float:
+        return self.record.steps_to_target if self.record.reached else math.nan
+
+    @property
+    def samples(self) -> float:
+        return self.record.samples_to_target if self.record.reached else math.nan
+
+
+def run_one(task: Task, seed: int, lr: float, batch: int, root: Path,
+            adaptive: dict[str, Any] | None = None) -> RunRecord:
+    """Train once (fixed batch if ``adaptive`` is None) until target / budget / divergence."""
+    from lightning.pytorch import seed_everything
+
+    from adabatch import AdaptiveBatchSize
+
+    seed_everything(seed, verbose=False)
+    model = task.make_model(lr)
+    loader = common.resizable_loader(task.make_dataset(seed), batch, seed=seed)
+    callbacks: list = []
+    cb = None
+    if adaptive is not None:
+        cb = AdaptiveBatchSize(noise="per_example", resize="sampler",
+                               half_life_samples=task.half_life,
+                               log_every_n_steps=10**9, **adaptive)
+        callbacks.append(cb)
+    progress = Progress(task.eval_fn, task.target, task.schedule, max_samples=task.max_samples,
+                        max_steps=task.max_steps, adabatch=cb, extra_fn=task.extra_fn)
+    callbacks.append(progress)
+    trainer = common.fast_trainer(callbacks, root)
+    trainer.fit(model, train_dataloaders=loader)
+    return progress.record
+
+
+def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small: float,
+                    n_small: float, adam: bool) -> tuple[float, dict[str, Any]]:
+    """(model lr, AdaptiveBatchSize kwargs) of a setting."""
+    kw: dict[str, Any] = dict(policy=a.policy, min_batch_size=b_min, max_batch_size=b_max,
+                              ref_batch_size=b_min, lr_rule=a.lr_rule)
+    if a.policy == "noise":
+        kw.update(noise_scale_factor=a.c, noise_exponent=a.exponent)
+    elif a.policy == "ramp":
+        kw.update(ramp_samples=max(1, int(a.ramp_frac * n_small)), hysteresis=0.0)
+    if a.lr_rule == "none":
+        return a.lr_scale * lr_big, kw
+    # The library's rule from B_min at the lr tuned there; the batch is capped where the
+    # scaled lr would pass the best lr of the largest fixed batch (beyond it SGD diverges).
+    kappa_max = max(1.0, lr_big / lr_small) ** (2 if adam else 1)
+    kw["max_batch_size"] = max(b_min, min(b_max, int(b_min * kappa_max) // b_min * b_min))
+    return lr_small, kw
+
+
+# ============================================================================ analysis
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(samples, steps) points no other point beats in both, sorted by samples."""
+    pts = sorted(p for p in points if all(map(math.isfinite, p)))
+    out: list[tuple[float, float]] = []
+    for e, s in pts:
+        if not out or s < out[-1][1]:
+            out.append((e, s))
+    return out
+
+
+def frontier_steps(front: list[tuple[float, float]], samples: float) -> float:
+    """Steps of the fixed frontier at ``samples`` (log-log interpolation, clamped)."""
+    if not front or not math.isfinite(samples):
+        return math.nan
+    if samples <= front[0][0]:
+        return front[0][1]
+    if samples >= front[-1][0]:
+        return front[-1][1]
+    for (e0, s0), (e1, s1) in zip(front, front[1:]):
+        if e0 <= samples <= e1:
+            t = (math.log(samples) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
+    return math.nan
+
+
+def fit_mccandlish(fixed: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares fit (relative errors) of ``S = S_min + E_min / B`` to (B, steps)."""
+    rows = [(b, s) for b, s in fixed if math.isfinite(s) and s > 0]
+    if len(rows) < 2:
+        return math.nan, math.nan
+    a = torch.tensor([[1.0 / s, 1.0 / (b * s)] for b, s in rows], dtype=torch.float64)
+    y = torch.ones(len(rows), dtype=torch.float64)
+    sol = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.squeeze(1)
+    return float(sol[0]), float(sol[1])
+
+
+def trajectory_model(record: RunRecord, key: str = "gns") -> dict[str, float]:
+    """gamma and P of McCandlish's App. D from a run's per-step (B, B_noise)."""
+    if key == "gns":
+        bn = record.gns
+    else:
+        bn = [row.get(key, math.nan) for row in record.extra]
+    first = next((v for v in bn if math.isfinite(v) and v > 0), None)
+    if first is None:
+        return {"gamma": math.nan, "P": math.nan, "growth": math.nan}
+    w_sum = w_sqrt = w_bn = w_ratio = w_b = 0.0
+    last = first
+    lo = hi = first
+    for b, v in zip(record.batch, bn):
+        v = v if math.isfinite(v) and v > 0 else last
+        last = v
+        lo, hi = min(lo, v), max(hi, v)
+        w = b / (b + v)  # McCandlish: one step at B is worth B / (B + B_noise) minimal steps
+        w_sum += w
+        w_sqrt += w * math.sqrt(v)
+        w_bn += w * v
+        w_ratio += w * v / b
+        w_b += w * b
+    return {
+        "gamma": (w_sqrt / w_sum) ** 2 / (w_bn / w_sum),
+        "P": (w_ratio / w_sum) * (w_b / w_sum) / (w_bn / w_sum),
+        "growth": last / first,
+        "first": first,
+        "last": last,
+    }
+
+
+def predicted_saving(tradeoff: float, samples: float, e_min: float) -> float:
+    """1 - (1 + k/x) / (1 + 1/x) at sample overhead x = E/E_min - 1 (k = gamma or P)."""
+    if not all(map(math.isfinite, (tradeoff, samples, e_min))) or samples <= e_min:
+        return math.nan
+    x = samples / e_min - 1.0
+    return 1.0 - (1.0 + tradeoff / x) / (1.0 + 1.0 / x)
+
+
+# ============================================================================ per task
+def run_task(task: Task, calib_seed: int, eval_seeds: list[int], root: Path,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    t_task = time.perf_counter()
+    results: list[Result] = []
+
+    def fixed(seed: int, batch: int, lr: float) -> Result:
+        rec = run_one(task, seed, lr, batch, root)
+        res = Result("fixed", f"fixed B={batch}", seed, batch, lr, rec)
+        results.append(res)
+        log(f"  [{task.name} s{seed}] fixed B={batch:<5d} lr={lr:<8.3g} "
+            + _outcome(rec))
+        return res
+
+    # 1. calibration: fixed grid x lrs
+    best_lr: dict[int, float] = {}
+    calib_fixed: dict[int, Result] = {}
+    for batch in task.batches:
+        center = task.lr_center(batch)
+        tried = [fixed(calib_seed, batch, center * f) for f in task.lr_factors]
+        ok = [r for r in tried if r.record.reached]
+        best = min(ok, key=lambda r: r.steps) if ok else tried[len(tried) // 2]
+        best_lr[batch], calib_fixed[batch] = best.lr, best
+    b_min, b_max = task.batches[0], task.batches[-1]
+    lr_big, lr_small = best_lr[b_max], best_lr[b_min]
+    n_small = calib_fixed[b_min].samples
+    if not math.isfinite(n_small):
+        n_small = task.max_samples / 4
+    front_cal = pareto([(r.samples, r.steps) for r in calib_fixed.values()])
+
+    # 2. calibration: adaptive grid
+    is_adam = task.name == "charlm"
+    calib_adaptive: list[Result] = []
+    for a in task.adaptive:
+        lr, kw = adaptive_kwargs(a, b_min, b_max, lr_big, lr_small, n_small, is_adam)
+        rec = run_one(task, calib_seed, lr, b_min, root, adaptive=kw)
+        res = Result("adaptive", a.label(), calib_seed, None, lr, rec, setting=a)
+        calib_adaptive.append(res)
+        results.append(res)
+        log(f"  [{task.name} s{calib_seed}] {a.label():<52s} " + _outcome(rec))
+
+    def saving(res: Result, front) -> float:
+        return 1.0 - res.steps / frontier_steps(front, res.samples) if res.record.reached \
+            else math.nan
+
+    selected: dict[str, Result] = {}
+    for res in calib_adaptive:
+        s = saving(res, front_cal)
+        if not math.isfinite(s):
+            continue
+        cur = selected.get(res.setting.policy)
+        if cur is None or s > saving(cur, front_cal):
+            selected[res.setting.policy] = res
+
+    # 3. evaluation seeds
+    same = eval_seeds == [calib_seed]
+    eval_fixed: dict[int, dict[int, Result]] = {}
+    eval_adaptive: dict[str, dict[int, Result]] = {}
+    for seed in eval_seeds:
+        for batch in task.batches:
+            eval_fixed.setdefault(batch, {})[seed] = (
+                calib_fixed[batch] if same else fixed(seed, batch, best_lr[batch]))
+        for policy, chosen in selected.items():
+            if same:
+                eval_adaptive.setdefault(policy, {})[seed] = chosen
+                continue
+            a = chosen.setting
+            lr, kw = adaptive_kwargs(a, b_min, b_max, lr_big, lr_small, n_small, is_adam)
+            rec = run_one(task, seed, lr, b_min, root, adaptive=kw)
+            res = Result("adaptive", a.label(), seed, None, lr, rec, setting=a)
+            results.append(res)
+            eval_adaptive.setdefault(policy, {})[seed] = res
+            log(f"  [{task.name} s{seed}] {a.label():<52s} " + _outcome(rec))
+
+    # 4. analysis
+    fronts = {seed: pareto([(eval_fixed[b][seed].samples, eval_fixed[b][seed].steps)
+                            for b in task.batches]) for seed in eval_seeds}
+    fixed_rows = []
+    med_fixed = []
+    for b in task.batches:
+        runs = list(eval_fixed[b].values())
+        st = [r.steps for r in runs]
+        sa = [r.samples for r in runs]
+        wt = [r.record.wall_to_target if r.record.reached else math.nan for r in runs]
+        med_fixed.append((b, common.finite_median(st), common.finite_median(sa)))
+        fixed_rows.append([b, fmt(best_lr[b], ".3g"), median_range(st, ".4g"),
+                           median_range(sa, ".4g"), median_range(wt, ".2f"),
+                           f"{sum(r.record.reached for r in runs)}/{len(runs)}"])
+    s_min, e_min = fit_mccandlish([(b, s) for b, s, _ in med_fixed])
+    policy_rows, policy_summary = [], {}
+    for policy, by_seed in eval_adaptive.items():
+        runs = list(by_seed.values())
+        savings = [saving(r, fronts[r.seed]) for r in runs]
+        models = [trajectory_model(r.record) for r in runs]
+        exact_models = ([trajectory_model(r.record, "exact_gns") for r in runs]
+                        if task.extra_fn is not None else None)
+        pred_gamma = [predicted_saving(m["gamma"], r.samples, e_min)
+                      for m, r in zip(models, runs)]
+        pred_p = [predicted_saving(m["P"], r.samples, e_min) for m, r in zip(models, runs)]
+        med_saving = common.finite_median(savings)
+        policy_summary[policy] = {"label": runs[0].label, "saving": med_saving,
+                                  "savings": savings, "runs": runs}
+        gam = median_range([m["gamma"] for m in models], ".2f")
+        if exact_models is not None:
+            gam += f" (exact {median_range([m['gamma'] for m in exact_models], '.2f')})"
+        policy_rows.append([
+            policy, runs[0].label,
+            median_range([r.steps for r in runs], ".4g"),
+            median_range([r.samples for r in runs], ".4g"),
+            median_range([frontier_steps(fronts[r.seed], r.samples) for r in runs], ".4g"),
+            median_range([100 * s for s in savings], ".1f") + "%",
+            median_range([r.record.wall_to_target if r.record.reached else math.nan
+                          for r in runs], ".2f"),
+            median_range([m["growth"] for m in models], ".3g"),
+            gam,
+            median_range([m["P"] for m in models], ".2f"),
+            median_range([100 * p for p in pred_gamma], ".1f") + "%",
+            median_range([100 * p for p in pred_p], ".1f") + "%",
+            f"{sum(r.record.reached for r in runs)}/{len(runs)}",
+        ])
+    calib_rows = []
+    for res in calib_adaptive:
+        mark = " (selected)" if selected.get(res.setting.policy) is res else ""
+        calib_rows.append([res.label + mark, fmt(res.lr, ".3g"),
+                           fmt(res.steps, ".4g") if res.record.reached else _why(res.record),
+                           fmt(res.samples, ".4g"),
+                           fmt(frontier_steps(front_cal, res.samples), ".4g"),
+                           fmt(100 * saving(res, front_cal), ".1f") + "%"
+                           if res.record.reached else "n/a",
+                           f"{max(res.record.batch) if res.record.batch else 0}"])
+    calib_fixed_rows = []
+    for r in results:
+        if r.kind == "fixed" and r.seed == calib_seed:
+            calib_fixed_rows.append([r.batch, fmt(r.lr, ".3g"),
+                                     fmt(r.steps, ".4g") if r.record.reached
+                                     else _why(r.record), fmt(r.samples, ".4g"),
+                                     "yes" if best_lr[r.batch] == r.lr else ""])
+    best_policy = max(policy_summary, key=lambda p: policy_summary[p]["saving"]
+                      if math.isfinite(policy_summary[p]["saving"]) else -math.inf,
+                      default=None)
+    return dict(task=task, results=results, fixed_rows=fixed_rows, policy_rows=policy_rows,
+                calib_rows=calib_rows, calib_fixed_rows=calib_fixed_rows,
+                policy_summary=policy_summary, best_policy=best_policy, s_min=s_min,
+                e_min=e_min, fronts=fronts, med_fixed=med_fixed, eval_fixed=eval_fixed,
+                eval_adaptive=eval_adaptive, same_seed=same, seconds=time.perf_counter() - t_task,
+                lr_big=lr_big, lr_small=lr_small, n_small=n_small)
+
+
+def _outcome(rec: RunRecord) -> str:
+    if rec.reached:
+        return (f"steps {rec.steps_to_target:8.1f} samples {rec.samples_to_target:9.0f} "
+                f"wall {rec.wall_to_target:6.2f}s B_end {rec.batch[-1] if rec.batch else 0}")
+    return f"{_why(rec)} after {rec.steps} steps, {rec.samples} samples"
+
+
+def _why(rec: RunRecord) -> str:
+    return "diverged" if rec.diverged else "not reached"
+
+
+# ============================================================================ output
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task: Task = out["task"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    seeds = sorted(out["fronts"])
+    for b in task.batches:
+        runs = [out["eval_fixed"][b][s] for s in seeds if out["eval_fixed"][b][s].record.reached]
+        if not runs:
+            continue
+        sa = [r.samples for r in runs]
+        st = [r.steps for r in runs]
+        x, y = statistics.median(sa), statistics.median(st)
+        ax.errorbar(x, y, xerr=[[x - min(sa)], [max(sa) - x]], yerr=[[y - min(st)], [max(st) - y]],
+                    fmt="o", color="0.35", ms=5, capsize=2, zorder=3)
+        ax.annotate(f"B={b}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    med = pareto([(e, s) for _, s, e in out["med_fixed"]])
+    if med:
+        ax.plot([e for e, _ in med], [s for _, s in med], "-", color="0.35",
+                label="fixed-batch frontier (median)")
+    if math.isfinite(out["s_min"]) and math.isfinite(out["e_min"]) and out["e_min"] > 0:
+        lo = out["e_min"] * 1.05
+        hi = max(e for _, _, e in out["med_fixed"] if math.isfinite(e)) * 1.5
+        es = [lo * (hi / lo) ** (i / 99) for i in range(100)]
+        ax.plot(es, [out["s_min"] * (1 + 1 / (e / out["e_min"] - 1)) for e in es], ":",
+                color="0.6", label=f"fit (S/{out['s_min']:.3g}-1)(E/{out['e_min']:.3g}-1)=1")
+    markers = {"noise": ("*", "tab:red"), "goodput": ("D", "tab:blue"), "ramp": ("s", "tab:green")}
+    for policy, summ in out["policy_summary"].items():
+        runs = [r for r in summ["runs"] if r.record.reached]
+        if not runs:
+            continue
+        sa = [r.samples for r in runs]
+        st = [r.steps for r in runs]
+        x, y = statistics.median(sa), statistics.median(st)
+        m, c = markers.get(policy, ("^", "k"))
+        ax.errorbar(x, y, xerr=[[x - min(sa)], [max(sa) - x]], yerr=[[y - min(st)], [max(st) - y]],
+                    fmt=m, color=c, ms=10 if m == "*" else 7, capsize=2, zorder=4,
+                    label=f"{summ['label']} ({100 * summ['saving']:.0f}% fewer steps)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("samples to target")
+    ax.set_ylabel("optimizer steps to target")
+    ax.set_title(f"{task.name}: {task.target_text}", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(outs: list[dict[str, Any]], args, argv, load_before: str, seconds: float,
+           figures: dict[str, Path]) -> str:
+    lines = [f"## {SECTION}: steps and samples to a target loss, fixed vs adaptive batch", ""]
+    lines += common.context_lines("time_to_target.py", argv, load_before)
+    lines.append(f"- wall time of the benchmark: {seconds:.0f} s")
+    seeds_text = (f"calibration seed {args.calib_seed}; evaluation seeds {args.eval_seeds}"
+                  if not outs or not outs[0]["same_seed"]
+                  else f"one seed ({args.calib_seed}): calibration and evaluation on the same "
+                       "seed (quick mode: optimistic for every tuned setting)")
+    lines.append(f"- protocol: {seeds_text}. Fixed batches: best of "
+                 f"{len(outs[0]['task'].lr_factors) if outs else 0} learning rates on the "
+                 "calibration seed. Adaptive: every setting below run on the calibration seed, "
+                 "the one with the largest step saving per policy rerun on the evaluation seeds. "
+                 "Per-example probe (b = 1), resize='sampler', min batch = smallest fixed batch, "
+                 "max batch = largest. Step saving = 1 - steps / frontier steps at the same "
+                 "samples (same seed), medians [min, max] over seeds")
+    lines.append("- predicted saving: McCandlish et al. 2018 App. D at the run's sample "
+                 "overhead x = E/E_min - 1 (E_min from the fit S = S_min + E_min/B to the fixed "
+                 "runs); 'optimal' uses gamma = <sqrt B_noise>^2/<B_noise> (B proportional to "
+                 "sqrt(B_noise)), 'this schedule' uses P = <B_noise/B><B>/<B_noise> of the batch "
+                 "sizes actually used (P = 1, no saving, for B = c B_noise). Averages weighted by "
+                 "McCandlish's progress per step B/(B + B_noise), B_noise = measured B_simple")
+    lines.append("")
+    lines.append("### Goals")
+    for out in outs:
+        task: Task = out["task"]
+        goal = GOALS[task.name]
+        best = out["best_policy"]
+        if best is None:
+            lines.append(common.goal_line(
+                f"{task.name}: adaptive needs >= {goal:.0%} fewer steps than the fixed frontier "
+                "at equal samples", False, "no adaptive run reached the target"))
+            continue
+        summ = out["policy_summary"][best]
+        s = summ["saving"]
+        lines.append(common.goal_line(
+            f"{task.name}: adaptive needs >= {goal:.0%} fewer steps than the fixed frontier at "
+            "equal samples", bool(s >= goal),
+            f"best policy '{summ['label']}': median saving {100 * s:.1f}% over seeds "
+            f"(per seed: {', '.join(f'{100 * v:.1f}%' for v in summ['savings'])}); other "
+            "policies: " + "; ".join(
+                f"{p} {100 * o['saving']:.1f}%" for p, o in out["policy_summary"].items()
+                if p != best)))
+    for out in outs:
+        task = out["task"]
+        lines += ["", f"### {task.name}", ""]
+        lines += [f"- target: {task.target_text}"] + [f"- {n}" for n in task.notes]
+        lines.append(f"- estimator half-life {task.half_life:g} samples; fixed-batch lr sweep "
+                     f"centre(B) x {list(task.lr_factors)}; adaptive lr scales are relative to "
+                     f"the best lr of B={task.batches[-1]} ({out['lr_big']:.3g}); lr rule 'auto' "
+                     f"starts from the best lr of B={task.batches[0]} ({out['lr_small']:.3g}) "
+                     "and caps the batch where the scaled lr reaches the former")
+        lines.append(f"- McCandlish fit to the fixed runs: S_min = {fmt(out['s_min'], '.4g')} "
+                     f"steps, E_min = {fmt(out['e_min'], '.4g')} samples; task time "
+                     f"{out['seconds']:.0f} s")
+        if task.name in figures:
+            lines.append(f"- figure: `{_rel(figures[task.name])}`")
+        lines += ["", "Fixed batch sizes (evaluation seeds, best calibrated lr):", ""]
+        lines.append(common.md_table(
+            ["B", "lr", "steps", "samples", "wall s (train only)", "reached"], out["fixed_rows"]))
+        lines += ["", "Adaptive policies (selected setting, evaluation seeds):", ""]
+        lines.append(common.md_table(
+            ["policy", "setting", "steps", "samples", "frontier steps at those samples",
+             "step saving", "wall s", "B_noise growth", "gamma", "P",
+             "predicted saving (optimal)", "predicted saving (this schedule)", "reached"],
+            out["policy_rows"]))
+        lines += ["", f"All adaptive settings tried (calibration seed {args.calib_seed}, against "
+                  "its frontier):", ""]
+        lines.append(common.md_table(
+            ["setting", "lr", "steps", "samples", "frontier steps", "step saving", "max B"],
+            out["calib_rows"]))
+        lines += ["", f"Fixed-batch learning-rate sweep (calibration seed {args.calib_seed}):",
+                  ""]
+        lines.append(common.md_table(["B", "lr", "steps", "samples", "best"],
+                                     out["calib_fixed_rows"]))
+    return "\n".join(lines)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(common.BENCH_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="synthetic task only, tiny grids, one seed (< 60 s)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    ap.add_argument("--calib-seed", type=int, default=0)
+    ap.add_argument("--eval-seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to write the section to (default: benchmarks/RESULTS.md; "
+                         "with --quick: none unless given)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="directory for PNGs (default: benchmarks/figures; --quick: none)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    if args.tasks is None:
+        args.tasks = ["synthetic"] if args.quick else list(TASKS)
+    if args.eval_seeds is None:
+        args.eval_seeds = [args.calib_seed] if args.quick else [1, 2, 3]
+    if args.results is None and not args.quick:
+        args.results = common.DEFAULT_RESULTS
+    if args.figures is None and not args.quick:
+        args.figures = common.FIGURES_DIR
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse(argv)
+    common.quiet_lightning()
+    common.set_threads(args.threads)
+    load_before = common.load_average()
+    t0 = time.perf_counter()
+    outs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks:
+            task = BUILDERS[name](args.quick)
+            print(f"== {name}: target {task.target_text}", flush=True)
+            outs.append(run_task(task, args.calib_seed, args.eval_seeds, Path(tmp),
+                                 lambda s: print(s, flush=True)))
+    seconds = time.perf_counter() - t0
+    figures: dict[str, Path] = {}
+    if args.figures is not None:
+        for out in outs:
+            path = Path(args.figures) / f"time_to_target_{out['task'].name}.png"
+            plot(out, path)
+            figures[out["task"].name] = path
+    text = render(outs, args, argv, load_before, seconds, figures)
+    print(text)
+    if args.results is not None and not args.no_write:
+        common.write_section(args.results, SECTION, text)
+        print(f"wrote section '{SECTION}' to {args.results}")
+    return outs
+
+
+if __name__ == "__main__":
+    main()
