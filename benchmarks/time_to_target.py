@@ -73,6 +73,8 @@ from common import Progress, RunRecord, fmt, median_range  # noqa: E402
 SECTION = "time_to_target"
 TASKS = ("synthetic", "charlm", "digits")
 GOALS = {"synthetic": 0.25, "charlm": 0.20, "digits": 0.10}
+GATE_OFF = 1e9  # max_rel_std so large the policies always act on the estimate
+SAMPLE_TOLERANCE = 0.1  # fixed runs may spend this much more than the adaptive run
 
 
 # ============================================================================ settings
@@ -86,6 +88,8 @@ class Adaptive:
     exponent: float = 1.0
     ramp_frac: float = 0.5  # ramp over this fraction of the smallest fixed batch's samples
     lr_rule: str = "none"
+    max_rel_std: float = 0.5  # the library's default gate; GATE_OFF disables it
+
 
     def label(self) -> str:
         if self.policy == "noise":
@@ -94,6 +98,8 @@ class Adaptive:
             knobs = f"ramp over {self.ramp_frac:g} N(B_min)"
         else:
             knobs = self.policy
+        if self.policy != "ramp" and self.max_rel_std != 0.5:
+            knobs += " gate off" if self.max_rel_std >= GATE_OFF else f" gate {self.max_rel_std:g}"
         if self.lr_rule == "none":
             return f"{knobs}, lr {self.lr_scale:g} x lr*(B_max), const"
         return f"{knobs}, lr rule {self.lr_rule} from B_min"
@@ -121,21 +127,21 @@ class Task:
     notes: list[str] = field(default_factory=list)
 
 
-def _noise_grid(lr_scales, cs_lin, cs_sqrt, ramp_fracs, goodput=True) -> list[Adaptive]:
+def _grid(lr_scales, cs_lin, cs_sqrt, ramp_fracs, gates=(0.5, GATE_OFF)) -> list[Adaptive]:
     out = []
     for s in lr_scales:
-        out += [Adaptive("noise", s, c=c, exponent=1.0) for c in cs_lin]
-        out += [Adaptive("noise", s, c=c, exponent=0.5) for c in cs_sqrt]
+        for g in gates:
+            out += [Adaptive("noise", s, c=c, exponent=1.0, max_rel_std=g) for c in cs_lin]
+            out += [Adaptive("noise", s, c=c, exponent=0.5, max_rel_std=g) for c in cs_sqrt]
+            out.append(Adaptive("goodput", s, max_rel_std=g))
         out += [Adaptive("ramp", s, ramp_frac=f) for f in ramp_fracs]
-        if goodput:
-            out.append(Adaptive("goodput", s))
     return out
 
 
 def synthetic_task(quick: bool) -> Task:
     from adabatch.tasks.synthetic import LeastSquaresModel, LeastSquaresProblem
 
-    dim, cond, noise_std = (16, 10.0, 1.0) if quick else (32, 10.0, 1.0)
+    dim, cond, noise_std = (16, 10.0, 1.0) if quick else (64, 10.0, 1.0)
     excess = 0.2 if quick else 0.05
     problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=cond, seed=0)
     target = 0.5 * noise_std**2 * (1 + excess)
@@ -145,9 +151,9 @@ def synthetic_task(quick: bool) -> Task:
         adaptive = [Adaptive("noise", 0.5, c=0.25), Adaptive("ramp", 0.5, ramp_frac=0.5),
                     Adaptive("goodput", 0.5)]
     else:
-        batches = [8, 16, 32, 64, 128, 256, 512, 1024]
-        adaptive = _noise_grid((0.25, 0.5, 1.0), (0.1, 0.25, 0.5), (2.0, 4.0, 8.0),
-                               (0.25, 0.5, 1.0))
+        batches = [16, 32, 64, 128, 256, 512, 1024]
+        adaptive = _grid((0.25, 0.5, 1.0), (0.25, 0.5, 1.0), (4.0, 8.0, 16.0),
+                         (0.25, 0.5, 1.0))
         adaptive.append(Adaptive("noise", 1.0, c=0.25, lr_rule="auto"))
     max_samples = 60_000 if quick else 150_000
     task = Task(
@@ -157,11 +163,11 @@ def synthetic_task(quick: bool) -> Task:
                      f" + {excess:g} of it), from w = 0"),
         batches=batches,
         # Linear scaling up to the curvature limit ~1/lambda_max; the constant comes from the
-        # mean-field recursion of SGD on this problem (optimum lr ~ B / 800 at dim 32).
-        lr_center=lambda B: min(B / 800.0, 1.0 / lam_max),
+        # mean-field recursion of SGD on this problem (optimum lr ~ B / (12.5 dim)).
+        lr_center=lambda B: min(B / (12.5 * dim), 1.0 / lam_max),
         lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
         adaptive=adaptive,
-        half_life=1000.0,
+        half_life=500.0 if quick else 2000.0,
         max_samples=max_samples,
         max_steps=5000,
         schedule=common.every_step,
@@ -184,8 +190,18 @@ def synthetic_task(quick: bool) -> Task:
     def eval_fn(module) -> float:
         return float(problem.loss(module.linear.weight))
 
+    spectrum = problem.spectrum
+    trace_s2 = float(spectrum.square().sum())
+
     def extra_fn(module) -> dict[str, float]:
-        return {"exact_gns": float(problem.exact_stats(module.linear.weight)["gns"])}
+        # B_simple = tr(Sigma)/|G|^2 and McCandlish's B_noise = tr(H Sigma)/(G^T H G), H = S:
+        # with d = w - w*, G = S d and Sigma = S d d^T S + (d^T S d + s^2) S (DESIGN.md),
+        # B_noise = 1 + (d^T S d + s^2) tr(S^2) / (d^T S^3 d).
+        w = module.linear.weight.detach().double().reshape(-1)
+        d = w - problem.w_star
+        quad = float((spectrum * d.square()).sum()) + noise_std**2
+        bnoise = 1.0 + quad * trace_s2 / float((spectrum**3 * d.square()).sum())
+        return {"exact_gns": float(problem.exact_stats(w)["gns"]), "exact_bnoise": bnoise}
 
     task.make_model, task.make_dataset = make_model, make_dataset
     task.eval_fn, task.extra_fn = eval_fn, extra_fn
@@ -210,7 +226,7 @@ def charlm_task(quick: bool) -> Task:
         batches=[8, 16, 32, 64, 128] if quick else [4, 8, 16, 32, 64, 128, 256],
         lr_center=lambda B: min(3e-3 * math.sqrt(B / 16.0), 2e-2),
         lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
-        adaptive=_noise_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
+        adaptive=_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
             Adaptive("noise", 1.0, c=0.25, lr_rule="auto")],
         half_life=4000.0,
         max_samples=60_000,
@@ -249,7 +265,7 @@ def digits_task(quick: bool) -> Task:
         batches=[8, 16, 32, 64, 128, 256, 512],
         lr_center=lambda B: min(0.01 * B / 16.0, 0.2),
         lr_factors=(1.0,) if quick else (0.5, 1.0, 2.0),
-        adaptive=_noise_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
+        adaptive=_grid((0.5, 1.0), (0.1, 0.25), (1.0, 2.0), (0.5,)) + [
             Adaptive("noise", 1.0, c=0.25, lr_rule="auto")],
         half_life=2000.0,
         max_samples=200_000,
@@ -322,7 +338,8 @@ def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small
                     n_small: float, adam: bool) -> tuple[float, dict[str, Any]]:
     """(model lr, AdaptiveBatchSize kwargs) of a setting."""
     kw: dict[str, Any] = dict(policy=a.policy, min_batch_size=b_min, max_batch_size=b_max,
-                              ref_batch_size=b_min, lr_rule=a.lr_rule)
+                              ref_batch_size=b_min, lr_rule=a.lr_rule,
+                              max_rel_std=a.max_rel_std)
     if a.policy == "noise":
         kw.update(noise_scale_factor=a.c, noise_exponent=a.exponent)
     elif a.policy == "ramp":
@@ -347,10 +364,20 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def frontier_steps(front: list[tuple[float, float]], samples: float) -> float:
-    """Steps of the fixed frontier at ``samples`` (log-log interpolation, clamped)."""
+def frontier_steps(front: list[tuple[float, float]], samples: float,
+                   tol: float = SAMPLE_TOLERANCE) -> float:
+    """Steps of the fixed frontier at ``(1 + tol) * samples`` (log-log interpolation).
+
+    The fixed runs are allowed ``tol`` more samples than the adaptive one: the frontier is
+    nearly vertical where every small batch needs about the same samples, and there a
+    comparison at exactly equal samples would turn seed noise in sample counts into large
+    "savings". Below the fewest samples any fixed run needed, the frontier is taken at
+    ``(1 + tol)`` times that (no fixed run reaches the target with fewer); above the most,
+    at its last point.
+    """
     if not front or not math.isfinite(samples):
         return math.nan
+    samples = max(samples, front[0][0]) * (1.0 + tol)
     if samples <= front[0][0]:
         return front[0][1]
     if samples >= front[-1][0]:
@@ -506,7 +533,7 @@ def run_task(task: Task, calib_seed: int, eval_seeds: list[int], root: Path,
         runs = list(by_seed.values())
         savings = [saving(r, fronts[r.seed]) for r in runs]
         models = [trajectory_model(r.record) for r in runs]
-        exact_models = ([trajectory_model(r.record, "exact_gns") for r in runs]
+        exact_models = ([trajectory_model(r.record, "exact_bnoise") for r in runs]
                         if task.extra_fn is not None else None)
         pred_gamma = [predicted_saving(m["gamma"], r.samples, e_min)
                       for m, r in zip(models, runs)]
@@ -516,7 +543,8 @@ def run_task(task: Task, calib_seed: int, eval_seeds: list[int], root: Path,
                                   "savings": savings, "runs": runs}
         gam = median_range([m["gamma"] for m in models], ".2f")
         if exact_models is not None:
-            gam += f" (exact {median_range([m['gamma'] for m in exact_models], '.2f')})"
+            gam += (f" (exact B_noise: "
+                    f"{median_range([m['gamma'] for m in exact_models], '.2f')})")
         policy_rows.append([
             policy, runs[0].label,
             median_range([r.steps for r in runs], ".4g"),

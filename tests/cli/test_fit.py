@@ -4,7 +4,8 @@ import json
 import pytest
 
 from adabatch.callback import AdaptiveBatchSize
-from adabatch.cli.main import DEFAULT_TASK, main, with_default_task
+from adabatch.cli.fit import DEFAULT_TASK, with_default_task
+from adabatch.cli.main import main
 
 # The callback body lands separately; until it does, "enabled" can only construct it.
 CALLBACK_IMPLEMENTED = "on_before_optimizer_step" in vars(AdaptiveBatchSize)

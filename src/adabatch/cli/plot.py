@@ -28,7 +28,7 @@ PANELS: list[tuple[str, Any]] = [
     ("loss", lambda c: c.endswith("loss") or c.endswith("loss_step")
      or c.endswith("loss_epoch")),
     ("noise scale", lambda c: any(k in c for k in ("gns", "noise_scale", "b_simple",
-                                                    "b_noise"))),
+                                                    "b_noise")) and "std" not in c),
     ("batch size", lambda c: "batch_size" in c),
     ("LR factor", lambda c: c.startswith("adabatch/") and ("lr" in c or "gain" in c)),
 ]

@@ -47,6 +47,8 @@ from typing import Any
 
 import yaml
 
+from adabatch.cli.main import SUMMARY_FILE
+
 SAMPLERS = ("grid", "random", "tpe")
 REDUCTIONS = ("last", "min", "max")
 RESULTS_FILE = "results.csv"
@@ -431,7 +433,7 @@ def _finish(spec: SweepSpec, study: Any, r: Running, interrupted: bool = False,
     r.log.close()
     wall = time.perf_counter() - r.started
     trial = r.trial
-    summary_path = r.trial_dir / "summary.json"
+    summary_path = r.trial_dir / SUMMARY_FILE
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
         for key in ("steps", "samples", "wall_time_s", "train_loss", "val_loss"):

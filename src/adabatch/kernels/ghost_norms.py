@@ -2,7 +2,7 @@
 
 ``|G_b^T X_b|_F^2 = <X_b X_b^T, G_b G_b^T> = sum_{t,s} (x_t . x_s) (g_t . g_s)`` for
 ``x[B, T, N_IN]``, ``g[B, T, N_OUT]``: ~2 T^2 (N_IN + N_OUT) FLOPs per example instead of
-2 T N_IN N_OUT, the cheaper choice when 2 T^2 <= N_IN N_OUT (DESIGN.md). The T x T Gram
+2 T N_IN N_OUT, the cheaper choice when T (N_IN + N_OUT) <= N_IN N_OUT. The T x T Gram
 matrices never reach memory: one program owns one BLOCK_T x BLOCK_T tile pair (r, c) of one
 example, builds its tile of X X^T (K loop over N_IN) and of G G^T (K loop over N_OUT) in
 registers, and reduces their elementwise product to one float.
