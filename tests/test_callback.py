@@ -196,3 +196,20 @@ def test_max_samples_stops_training(tmp_path):
     cb = AdaptiveBatchSize(policy="fixed", max_samples=100)
     trainer(tmp_path, [cb], max_epochs=5).fit(model, data)
     assert 100 <= cb.samples < 104
+
+
+def test_a_short_last_accumulation_window_is_measured_exactly(tmp_path):
+    """10 micro-batches with k = 4: the epoch's last step holds 2 of them (8 samples), while
+    Lightning still divides their losses by 4. The step's |G|^2 estimate must be the one of
+    those 8 samples, computed here by hand."""
+    model = LeastSquaresModel(dim=4, lr=1e-12, init_scale=1.0)
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=40, fresh=True)  # in order
+    cb = AdaptiveBatchSize(noise="per_example", policy="fixed", ref_batch_size=16)
+    trainer(tmp_path, [cb], max_epochs=1, accumulate_grad_batches=4).fit(model, data)
+    assert cb.estimator.num_updates == 3 and cb.samples == 40
+    data.setup("fit")
+    x, y = (torch.stack(t).double() for t in zip(*(data.train_set[i] for i in range(32, 40))))
+    w = model.linear.weight.detach().double().reshape(-1)
+    g = x * (x @ w - y)[:, None]  # per-example gradients of (x.w - y)^2 / 2
+    big, small = g.mean(0).square().sum(), g.square().sum(1).mean()
+    assert cb.estimator.last_grad_sq == pytest.approx(float((8 * big - small) / 7), rel=1e-4)

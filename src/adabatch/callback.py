@@ -197,6 +197,8 @@ class AdaptiveBatchSize(Callback):
         self._split: Split | None = None  # layout in force
         self._pending: Split | None = None  # layout waiting for an aligned boundary
         self._local_samples = 0
+        self._local_batches = 0
+        self._warned_no_small_batch = False
         self._step_stats: dict[str, float] | None = None
         self._last_log: dict[str, float] = {}
         self._t_last: float | None = None
@@ -420,6 +422,7 @@ class AdaptiveBatchSize(Callback):
                     )
             self._build_policy()
         self._local_samples += n
+        self._local_batches += 1
         # Lightning divides the loss by k; AMP multiplies it by the scaler's scale.
         scale = 1.0 / trainer.accumulate_grad_batches
         amp_scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -437,6 +440,13 @@ class AdaptiveBatchSize(Callback):
         accepted = False
         if stats["b"] < batch:
             accepted = self._estimator.update(stats["small_sq"], stats["b"], stats["big_sq"], batch)
+        elif not self._warned_no_small_batch:
+            self._warned_no_small_batch = True
+            rank_zero_warn(
+                f"adabatch: micro-batch statistics need a small batch below the global batch "
+                f"({stats['b']:.0f} vs {batch}): use gradient accumulation, several ranks, or "
+                "noise='per_example'. The noise scale is not measured meanwhile."
+            )
         stats["accepted"] = float(accepted)
         kappa = batch / float(self._ref or batch)
         gain = None
@@ -462,6 +472,11 @@ class AdaptiveBatchSize(Callback):
         for p in big_params:
             if p.grad is not None:
                 big_sq += p.grad.detach().to(torch.float64).square().sum()
+        # Lightning divides every micro-batch's loss by k, also in an epoch's last, shorter
+        # window: rescale .grad to the mean over the micro-batches it actually holds.
+        window = trainer.accumulate_grad_batches / max(self._local_batches, 1)
+        big_sq *= window * window
+        self._local_batches = 0
         # Step time, from this point of the previous step (None across a validation run).
         now = time.perf_counter()
         elapsed = 0.0 if self._t_last is None else now - self._t_last
