@@ -213,3 +213,19 @@ def test_a_short_last_accumulation_window_is_measured_exactly(tmp_path):
     g = x * (x @ w - y)[:, None]  # per-example gradients of (x.w - y)^2 / 2
     big, small = g.mean(0).square().sum(), g.square().sum(1).mean()
     assert cb.estimator.last_grad_sq == pytest.approx(float((8 * big - small) / 7), rel=1e-4)
+
+
+def test_auto_resize_grows_the_micro_batch_then_accumulates(tmp_path):
+    seed_everything(0)
+    model = LeastSquaresModel(dim=4, lr=0.01)
+    data = SamplerData(dim=4, batch_size=2, num_samples=2048)
+    cb = AdaptiveBatchSize(policy="ramp", resize="auto", min_batch_size=2, max_batch_size=16,
+                           ramp_samples=200, max_micro_batch=4, hysteresis=0.0)
+    rec = StepRecorder()
+    fit = trainer(tmp_path, [cb, rec], max_steps=60)
+    fit.fit(model, data)
+    assert [h["batch_size"] for h in cb.history][-1] == 16
+    assert fit.train_dataloader.batch_sampler.batch_size == 4
+    assert fit.accumulate_grad_batches == 4
+    assert {r["batch"] for r in rec.rows[-10:]} == {16}  # 4 micro-batches of 4
+    assert rec.rows[0]["batch"] == 2
