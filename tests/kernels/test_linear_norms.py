@@ -1,38 +1,15 @@
 """The fused dW + per-example norm kernel against the reference and torch.func.
 
-Without a GPU the kernel runs in Triton's interpreter on CPU tensors. ``@triton.jit`` (and
-triton.language's own jit helpers) read TRITON_INTERPRET when they are decorated, i.e. when
-triton is first imported; in this repository pytest imports lightning (pyproject's
-filterwarnings), hence torch._dynamo, hence triton, before any test module, so export it:
-``TRITON_INTERPRET=1 python -m pytest tests/kernels``. Without it these tests skip on CPU.
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors (tests/triton_kernels.py).
 """
-
-import os
-import sys
 
 import pytest
 import torch
+from triton_kernels import DEVICE, kernel_module
 
-_CUDA = torch.cuda.is_available()
-_SET = not _CUDA and "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ
-if _SET:  # first import of triton happens here: make it the interpreter's
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton", reason="triton is not installed")
-    from adabatch.kernels import linear_norms
-finally:
-    if _SET:
-        del os.environ["TRITON_INTERPRET"]
+from adabatch.kernels import reference
 
-from adabatch.kernels import reference  # noqa: E402
-
-if not _CUDA and not linear_norms._is_interpreted(linear_norms._linear_norms_kernel):
-    pytest.skip(
-        "no GPU, and triton was imported without TRITON_INTERPRET=1: run "
-        "`TRITON_INTERPRET=1 python -m pytest tests/kernels`",
-        allow_module_level=True,
-    )
-DEVICE = "cuda" if _CUDA else "cpu"
+linear_norms = kernel_module("linear_norms")
 
 fused = linear_norms.linear_weight_grad_and_sq_norms
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adabatch.kernels._launch import as_3d, check_device, is_interpreted
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -132,25 +134,10 @@ def _ghost_norms_kernel(
     tl.store(out_ptr + pid, partial)
 
 
-def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [B, T, d] or [B, d], got {tuple(t.shape)}")
-    return t if t.dim() == 3 else t.flatten(1, -2)
 
 
-def _is_interpreted(kernel) -> bool:
-    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def _check_device(kernel, *tensors: torch.Tensor) -> None:
-    if not _is_interpreted(kernel) and any(t.device.type != "cuda" for t in tensors):
-        raise RuntimeError(
-            "the Triton kernels were compiled for the GPU but got "
-            f"{[str(t.device) for t in tensors]} tensors; run CPU tensors with TRITON_INTERPRET=1 "
-            "set before adabatch.kernels is imported, or use ADABATCH_KERNELS=torch"
-        )
 
 
 def ghost_sq_norms(
@@ -167,16 +154,16 @@ def ghost_sq_norms(
     ``x``: ``[B, T, N_IN]`` (or ``[B, N_IN]``), ``g``: ``[B, T, N_OUT]``; float32, float16 or
     bfloat16 (mixed dtypes are computed in the wider one).
     """
-    x3, g3 = _as_3d(x, "x"), _as_3d(g, "g")
+    x3, g3 = as_3d(x, "x"), as_3d(g, "g")
     if x3.shape[:2] != g3.shape[:2]:
         raise ValueError(f"x {tuple(x.shape)} and g {tuple(g.shape)} differ in [B, T]")
     dtype = torch.promote_types(x3.dtype, g3.dtype)
     if dtype not in _TL_DTYPES:
         raise TypeError(f"Triton ghost_norms supports float32/float16/bfloat16, got {dtype}")
-    _check_device(_ghost_norms_kernel, x3, g3)
+    check_device(_ghost_norms_kernel, x3, g3)
     B, T, N_IN = x3.shape
     N_OUT = g3.shape[-1]
-    interpreted = _is_interpreted(_ghost_norms_kernel)
+    interpreted = is_interpreted(_ghost_norms_kernel)
     # 64 x 64 Gram tiles: two fp32 accumulators of 16 KB each stay in registers; not yet tuned
     # on a GPU (see benchmarks/kernels.py).
     block_t = block_t or max(16, min(64, triton.next_power_of_2(T)))

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adabatch.kernels._launch import as_3d, check_device, is_interpreted, num_sms
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -128,31 +130,12 @@ def _linear_norms_kernel(
         tl.store(dw_ptr + dw_offs, dw_acc, mask=mask_o[:, None] & mask_i[None, :])
 
 
-def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [B, T, d] or [B, d], got {tuple(t.shape)}")
-    return t if t.dim() == 3 else t.flatten(1, -2)
 
 
-def _is_interpreted(kernel) -> bool:
-    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def _check_device(kernel, *tensors: torch.Tensor) -> None:
-    if not _is_interpreted(kernel) and any(t.device.type != "cuda" for t in tensors):
-        raise RuntimeError(
-            "the Triton kernels were compiled for the GPU but got "
-            f"{[str(t.device) for t in tensors]} tensors; run CPU tensors with TRITON_INTERPRET=1 "
-            "set before adabatch.kernels is imported, or use ADABATCH_KERNELS=torch"
-        )
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits so that the split/reduce path is exercised
 
 
 def linear_weight_grad_and_sq_norms(
@@ -174,20 +157,20 @@ def linear_weight_grad_and_sq_norms(
     Block sizes, the number of example splits and launch options may be forced (tests and
     benchmarks); by default they follow the heuristics below.
     """
-    x3, g3 = _as_3d(x, "x"), _as_3d(g, "g")
+    x3, g3 = as_3d(x, "x"), as_3d(g, "g")
     if x3.shape[:2] != g3.shape[:2]:
         raise ValueError(f"x {tuple(x.shape)} and g {tuple(g.shape)} differ in [B, T]")
     dtype = torch.promote_types(x3.dtype, g3.dtype)
     if dtype not in _TL_DTYPES:
         raise TypeError(f"Triton linear_norms supports float32/float16/bfloat16, got {dtype}")
-    _check_device(_linear_norms_kernel, x3, g3)
+    check_device(_linear_norms_kernel, x3, g3)
     B, T, N_IN = x3.shape
     N_OUT = g3.shape[-1]
     if B == 0 or T == 0 or N_IN == 0 or N_OUT == 0:
         sq = torch.zeros(B, device=x3.device, dtype=torch.float32)
         dw = torch.zeros((N_OUT, N_IN), device=x3.device, dtype=torch.float32)
         return (dw if write_dw else None), sq
-    interpreted = _is_interpreted(_linear_norms_kernel)
+    interpreted = is_interpreted(_linear_norms_kernel)
     wide = dtype == torch.float32
     # 128x128 tiles for 16-bit inputs (the usual tensor-core GEMM tile); fp32 tiles take twice
     # the shared memory per element, so halve K. Not yet tuned on a GPU: see benchmarks/.
@@ -200,7 +183,7 @@ def linear_weight_grad_and_sq_norms(
         # add 2 x 8 x 2.4 MB of fp32 partials to 25 MB of bf16 inputs, while 36 programs
         # alone would leave 3/4 of an H200's 132 SMs idle. Untuned: benchmarks/kernels.py
         # --tune times the alternatives.
-        splits = min(triton.cdiv(2 * _num_sms(x3.device), n_tiles), 16)
+        splits = min(triton.cdiv(2 * num_sms(x3.device), n_tiles), 16)
     splits = max(1, min(splits, B))
     per_split = triton.cdiv(B, splits)
     splits = triton.cdiv(B, per_split)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adabatch.kernels._launch import as_3d, check_device, is_interpreted, num_sms
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -75,31 +77,12 @@ def _norm_affine_norms_kernel(
         tl.store(out_ptr + (B + b) * n_d + pid_d, tl.sum(col_w * col_w, axis=0))
 
 
-def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [B, T, d] or [B, d], got {tuple(t.shape)}")
-    return t if t.dim() == 3 else t.flatten(1, -2)
 
 
-def _is_interpreted(kernel) -> bool:
-    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def _check_device(kernel, *tensors: torch.Tensor) -> None:
-    if not _is_interpreted(kernel) and any(t.device.type != "cuda" for t in tensors):
-        raise RuntimeError(
-            "the Triton kernels were compiled for the GPU but got "
-            f"{[str(t.device) for t in tensors]} tensors; run CPU tensors with TRITON_INTERPRET=1 "
-            "set before adabatch.kernels is imported, or use ADABATCH_KERNELS=torch"
-        )
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def norm_affine_sq_norms(
@@ -115,8 +98,8 @@ def norm_affine_sq_norms(
     ``w_sq[b] = |sum_t xhat_bt * g_bt|^2``, ``b_sq[b] = |sum_t g_bt|^2``; ``xhat=None``
     skips the weight term (bias-only layers). float32, float16 or bfloat16 inputs.
     """
-    g3 = _as_3d(g, "g")
-    x3 = g3 if xhat is None else _as_3d(xhat, "xhat")
+    g3 = as_3d(g, "g")
+    x3 = g3 if xhat is None else as_3d(xhat, "xhat")
     if x3.shape != g3.shape:
         raise ValueError(f"xhat {tuple(x3.shape)} and g {tuple(g3.shape)} differ")
     for t in (x3, g3):
@@ -124,13 +107,13 @@ def norm_affine_sq_norms(
             raise TypeError(
                 f"Triton norm_affine_norms supports float32/float16/bfloat16, got {t.dtype}"
             )
-    _check_device(_norm_affine_norms_kernel, x3, g3)
+    check_device(_norm_affine_norms_kernel, x3, g3)
     B, T, D = g3.shape
-    interpreted = _is_interpreted(_norm_affine_norms_kernel)
+    interpreted = is_interpreted(_norm_affine_norms_kernel)
     if block_d is None:
         # widest column block (<= 128) that still gives ~2 programs per SM
         block_d = max(16, min(128, triton.next_power_of_2(D)))
-        while block_d > 16 and B * triton.cdiv(D, block_d) < 2 * _num_sms(g3.device):
+        while block_d > 16 and B * triton.cdiv(D, block_d) < 2 * num_sms(g3.device):
             block_d //= 2
     block_t = block_t or max(1, min(4096 // block_d, triton.next_power_of_2(max(T, 1))))
     n_d = triton.cdiv(D, block_d)
