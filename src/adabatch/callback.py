@@ -175,14 +175,17 @@ class AdaptiveBatchSize(Callback):
         self.scale_weight_decay = scale_weight_decay
         self.log_every_n_steps = log_every_n_steps
 
-        # Run state, created in setup() (a tensor made here would be shared by ddp_spawn ranks).
-        self.samples = 0
-        self.steps = 0
-        self.history: list[dict[str, float]] = []
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
     def _reset_run_state(self) -> None:
+        """Forget everything about a run; setup() calls it, so a callback can fit twice.
+
+        Nothing here is a tensor: one made in ``__init__`` would be shared by ddp_spawn ranks.
+        """
+        self.samples = 0
+        self.steps = 0
+        self.history: list[dict[str, float]] = []
         self._estimator: GNSEstimator | None = None
         self._policy_impl: Any = None
         self._decider: BatchSizeDecider | None = None
@@ -200,7 +203,6 @@ class AdaptiveBatchSize(Callback):
         self._local_batches = 0
         self._warned_no_small_batch = False
         self._step_stats: dict[str, float] | None = None
-        self._last_log: dict[str, float] = {}
         self._t_last: float | None = None
         self._restored: dict[str, Any] | None = None
         self._big_params: list[torch.nn.Parameter] = []
@@ -267,6 +269,7 @@ class AdaptiveBatchSize(Callback):
                     f"resize={self.resize!r} uses a ResizableBatchSampler without one. Use an "
                     "int or 1.0."
                 )
+        self._reset_run_state()  # load_state_dict, on resume, comes after setup
         self._world = trainer.world_size
         self._estimator = GNSEstimator(self.half_life_samples)
 
@@ -279,21 +282,19 @@ class AdaptiveBatchSize(Callback):
             )
         self._scaler = OptimizerScaler(
             trainer.optimizers[0],
-            lr_rule="adascale" if self.lr_rule == "adascale" else self.lr_rule,
+            lr_rule=self.lr_rule,
             scale_betas=self.scale_betas,
             scale_eps=self.scale_eps,
             scale_weight_decay=self.scale_weight_decay,
         )
-        if self.resize in ("sampler", "auto"):
-            self._sampler = _find_resizable_sampler(trainer)
-            if self._sampler is None:
-                raise MisconfigurationException(
-                    f"resize={self.resize!r} needs the train DataLoader to use "
-                    "batch_sampler=adabatch.ResizableBatchSampler(...) (and, under DDP, "
-                    "Trainer(use_distributed_sampler=False)); or use resize='accumulate'."
-                )
-        else:
-            self._sampler = _find_resizable_sampler(trainer)  # optional: exact resume
+        # Found in accumulate mode too: its position is then kept up to date for resume.
+        self._sampler = _find_resizable_sampler(trainer)
+        if self._sampler is None and self.resize in ("sampler", "auto"):
+            raise MisconfigurationException(
+                f"resize={self.resize!r} needs the train DataLoader to use "
+                "batch_sampler=adabatch.ResizableBatchSampler(...) (and, under DDP, "
+                "Trainer(use_distributed_sampler=False)); or use resize='accumulate'."
+            )
         if self._sampler is not None and not hasattr(trainer.train_dataloader, "state_dict"):
             rank_zero_warn(
                 "adabatch: the ResizableBatchSampler sits in a plain DataLoader, whose position "
@@ -630,7 +631,6 @@ class AdaptiveBatchSize(Callback):
         ):
             if value is not None and math.isfinite(value):
                 metrics[key] = float(value)
-        self._last_log = metrics
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
 
