@@ -29,6 +29,8 @@ from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
         ({"noise_scale_factor": 0.0}, "noise_scale_factor=0.0"),
         ({"noise_exponent": 1.5}, "noise_exponent=1.5"),
         ({"hysteresis": -0.1}, "hysteresis=-0.1"),
+        ({"confidence": -1.0}, "confidence=-1.0"),
+        ({"max_rel_std": 0.0}, "max_rel_std=0.0"),
         ({"log_every_n_steps": 0}, "log_every_n_steps=0"),
         ({"max_samples": 2.5}, "max_samples=2.5"),
         ({"policy": "ramp"}, "ramp_samples"),
@@ -130,7 +132,7 @@ def _run_and_record(tmp_path, resize, max_steps, ckpt_path=None, save_every=None
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
     cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize=resize,
                            noise_scale_factor=0.5, half_life_samples=100, hysteresis=0.1,
-                           max_rel_std=10.0, min_batch_size=2, max_batch_size=256,
+                           max_rel_std=10.0, confidence=0.0, min_batch_size=2, max_batch_size=256,
                            ref_batch_size=2)
     rec = StepRecorder()
     callbacks = [cb, rec]
@@ -167,7 +169,7 @@ def test_non_finite_gradients_never_change_the_batch_size(tmp_path):
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
     cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize="sampler",
                            noise_scale_factor=1.0, half_life_samples=50, hysteresis=0.0,
-                           max_rel_std=10.0, min_batch_size=2, max_batch_size=64,
+                           max_rel_std=10.0, confidence=0.0, min_batch_size=2, max_batch_size=64,
                            ref_batch_size=2)
     trainer(tmp_path, [cb], max_steps=30).fit(model, data)
     assert all(change["step"] <= 5 for change in cb.history)

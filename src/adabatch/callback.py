@@ -69,8 +69,11 @@ class AdaptiveBatchSize(Callback):
         noise_scale_factor: c in B = c * B_simple ** noise_exponent (``noise`` policy).
         noise_exponent: 1 follows B_simple; 0.5 grows like its square root (McCandlish et al.
             2018, App. D).
-        max_rel_std: the ``noise``/``goodput`` policies act only when the estimate's relative
-            standard error is below this.
+        max_rel_std: if set, the ``noise``/``goodput`` policies act only when the estimate's
+            relative standard error is below this (a gate; see ``confidence``).
+        confidence: z in the ``noise`` policy's lower bound B_simple / (1 + z * rel_std): it
+            acts on a cautious estimate rather than waiting for a precise one (whose error
+            is largest while the batch is far below B_noise); 0 uses the estimate as is.
         ramp_samples: samples over which the ``ramp`` policy goes from min to max batch size.
         hysteresis: relative change below which the batch size is kept.
         min_samples_between_changes: samples that must pass between two changes.
@@ -81,7 +84,8 @@ class AdaptiveBatchSize(Callback):
         scale_betas: Adam betas -> beta ** kappa.
         scale_eps: Adam eps -> eps / sqrt(kappa).
         scale_weight_decay: AdamW decoupled weight decay keeps B / (lr * wd) constant.
-        log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps.
+        log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps
+            (default: the trainer's ``log_every_n_steps``).
     """
 
     def __init__(
@@ -98,7 +102,8 @@ class AdaptiveBatchSize(Callback):
         max_micro_batch: int | None = None,
         noise_scale_factor: float = 0.25,
         noise_exponent: float = 1.0,
-        max_rel_std: float = 0.5,
+        max_rel_std: float | None = None,
+        confidence: float = 2.0,
         ramp_samples: int | None = None,
         hysteresis: float = 0.2,
         min_samples_between_changes: int = 0,
@@ -108,7 +113,7 @@ class AdaptiveBatchSize(Callback):
         scale_betas: bool = True,
         scale_eps: bool = True,
         scale_weight_decay: bool = True,
-        log_every_n_steps: int = 1,
+        log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         _check_choice("noise", noise, _NOISE_SOURCES)
@@ -136,8 +141,10 @@ class AdaptiveBatchSize(Callback):
             raise ValueError(f"noise_scale_factor={noise_scale_factor} must be > 0")
         if not (0 < noise_exponent <= 1):
             raise ValueError(f"noise_exponent={noise_exponent} must be in (0, 1]")
-        if not max_rel_std > 0:
-            raise ValueError(f"max_rel_std={max_rel_std} must be > 0")
+        if max_rel_std is not None and not max_rel_std > 0:
+            raise ValueError(f"max_rel_std={max_rel_std} must be > 0 or None")
+        if not (confidence >= 0 and math.isfinite(confidence)):
+            raise ValueError(f"confidence={confidence} must be a finite number >= 0")
         if not hysteresis >= 0:
             raise ValueError(f"hysteresis={hysteresis} must be >= 0")
         for name, value in (
@@ -146,7 +153,7 @@ class AdaptiveBatchSize(Callback):
         ):
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
-        if log_every_n_steps < 1:
+        if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1")
         if policy == "ramp" and ramp_samples is None and enabled:
             raise ValueError("policy='ramp' needs ramp_samples (samples from min to max batch)")
@@ -164,6 +171,7 @@ class AdaptiveBatchSize(Callback):
         self.noise_scale_factor = noise_scale_factor
         self.noise_exponent = noise_exponent
         self.max_rel_std = max_rel_std
+        self.confidence = confidence
         self.ramp_samples = ramp_samples
         self.hysteresis = hysteresis
         self.min_samples_between_changes = min_samples_between_changes
@@ -539,7 +547,8 @@ class AdaptiveBatchSize(Callback):
         if finite and self.samples >= self.warmup_samples:
             self._decide(trainer, batch_size, throughput)
         self._apply_pending(trainer)
-        if self.steps % self.log_every_n_steps == 0:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if self.steps % every == 0:
             self._log(pl_module, stats)
         if self.max_samples is not None and self.samples >= self.max_samples:
             trainer.should_stop = True
@@ -645,6 +654,7 @@ def _policy_kwargs(cb: AdaptiveBatchSize, *, lo: int, hi: int, granularity: int)
             "scale": cb.noise_scale_factor,
             "exponent": cb.noise_exponent,
             "max_rel_std": cb.max_rel_std,
+            "confidence": cb.confidence,
         }
     if cb.policy == "goodput":
         return {

@@ -409,3 +409,16 @@ def test_ramp_with_hysteresis_is_coarser_but_reaches_the_end():
             seen.append(new)
         batch, samples = new, samples + new
     assert seen[-1] == 2048 and seen == sorted(seen) and len(seen) > 5
+
+
+def test_noise_policy_acts_on_a_lower_confidence_bound():
+    from adabatch.control.policy import NoisePolicy, Observation
+
+    policy = NoisePolicy(scale=0.5, max_rel_std=None, confidence=2.0)
+    obs = Observation(1000, 10, 32, gns=600.0, gns_rel_std=0.5)
+    assert policy.target(obs) == pytest.approx(0.5 * 600.0 / 2.0)  # still grows from 32
+    assert policy.target(Observation(1000, 10, 32, gns=600.0, gns_rel_std=None)) is None
+    gate = NoisePolicy(scale=0.5, max_rel_std=0.3)
+    assert gate.target(obs) is None  # a gate would hold the batch at 32
+    with pytest.raises(ValueError, match="confidence=-1"):
+        NoisePolicy(confidence=-1.0)

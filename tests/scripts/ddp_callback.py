@@ -53,7 +53,7 @@ def main() -> None:
     model = IndexedModel(dim=4, lr=0.2, init_scale=1.0)
     data = SamplerData(dim=4, batch_size=2, num_samples=600)
     cb = AdaptiveBatchSize(noise="auto", policy="noise", resize=resize, noise_scale_factor=4.0,
-                           half_life_samples=100, hysteresis=0.1, max_rel_std=100.0,
+                           half_life_samples=100, hysteresis=0.1, confidence=0.0,
                            min_batch_size=4, max_batch_size=64, ref_batch_size=4)
     rec = StepRecorder()
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,

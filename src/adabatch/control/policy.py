@@ -141,14 +141,23 @@ class NoisePolicy(Policy):
     samples for a 100x growth of B_noise, 9% for 10x), and a square-root schedule reacts
     less to a noisy estimate.
 
+    A confidence ``z > 0`` acts on a lower bound of the estimate, ``B_simple / (1 + z r)``
+    with ``r`` its relative standard error, instead of refusing to act while ``r`` is large.
+    The relative error of the ``|G|^2`` estimate grows like ``B_noise / B`` (per step), so a
+    gate on ``r`` holds the batch small exactly while it lies far below ``B_noise``
+    (benchmarks/RESULTS.md, time_to_target); a lower bound still grows it, cautiously.
+
     Args:
         scale: ``c > 0``.
         exponent: ``p`` in ``(0, 1]``.
         max_rel_std: ``None`` (return ``None``: not trustworthy yet) when the estimate's
             relative std is above this or unknown; ``None`` disables the check.
+        confidence: ``z >= 0``; with ``z > 0`` the target uses the lower bound above and is
+            ``None`` while the relative std is unknown.
 
     Raises:
-        ValueError: on ``scale <= 0``, ``exponent`` outside ``(0, 1]`` or ``max_rel_std < 0``.
+        ValueError: on ``scale <= 0``, ``exponent`` outside ``(0, 1]``, ``max_rel_std < 0``
+            or ``confidence < 0``.
 
     Example::
 
@@ -160,12 +169,19 @@ class NoisePolicy(Policy):
         >>> NoisePolicy(scale=8.0, exponent=0.5).target(Observation(0, 0, 64, gns=1024.0,
         ...                                                          gns_rel_std=0.0))
         256.0
+        >>> lcb = NoisePolicy(scale=0.25, max_rel_std=None, confidence=2.0)
+        >>> lcb.target(Observation(6400, 100, 64, gns=1024.0, gns_rel_std=1.5))  # 1024 / 4
+        64.0
     """
 
     name = "noise"
 
     def __init__(
-        self, scale: float = 1.0, exponent: float = 1.0, max_rel_std: float | None = 0.5
+        self,
+        scale: float = 1.0,
+        exponent: float = 1.0,
+        max_rel_std: float | None = 0.5,
+        confidence: float = 0.0,
     ) -> None:
         self.scale = _check_float("scale", scale, 0.0, strict=True)
         self.exponent = _check_float("exponent", exponent, 0.0, strict=True)
@@ -174,12 +190,19 @@ class NoisePolicy(Policy):
         self.max_rel_std = (
             None if max_rel_std is None else _check_float("max_rel_std", max_rel_std, 0.0)
         )
+        self.confidence = _check_float("confidence", confidence, 0.0)
 
     def target(self, obs: Observation) -> float | None:
         """``scale * gns ** exponent``, or ``None`` while the estimate is not trustworthy."""
         if not _trusted(obs, self.max_rel_std):
             return None
-        return self.scale * float(obs.gns) ** self.exponent  # type: ignore[arg-type]
+        gns = float(obs.gns)  # type: ignore[arg-type]
+        if self.confidence > 0:
+            rel = obs.gns_rel_std
+            if rel is None or not math.isfinite(rel):
+                return None
+            gns /= 1.0 + self.confidence * rel
+        return self.scale * gns**self.exponent
 
 
 class GoodputPolicy(Policy):
@@ -408,7 +431,7 @@ def make_policy(name: str, **kwargs: Any) -> Policy:
     Example::
 
         >>> make_policy("noise", scale=0.2)
-        NoisePolicy(scale=0.2, exponent=1.0, max_rel_std=0.5)
+        NoisePolicy(scale=0.2, exponent=1.0, max_rel_std=0.5, confidence=0.0)
         >>> make_policy("nosie")
         Traceback (most recent call last):
         ...
