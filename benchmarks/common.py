@@ -302,7 +302,9 @@ class Progress(Callback):
     timed separately and excluded from the wall time. The run stops when the evaluated loss
     reaches ``target`` (the crossing step/samples are interpolated linearly in loss between
     the two evaluations around it), when ``max_samples`` or ``max_steps`` is reached, or when
-    the loss is not finite or above ``diverge_factor`` x the first evaluation.
+    the loss is not finite or above ``diverge_factor`` x the first evaluation, or (with
+    ``patience``) when that many evaluations in a row brought no new lowest loss (a run stuck
+    on a plateau above the target: a learning rate too high for this batch).
     """
 
     def __init__(
@@ -315,8 +317,12 @@ class Progress(Callback):
         adabatch: Any = None,
         extra_fn: Callable[[Any], dict[str, float]] | None = None,
         diverge_factor: float = 4.0,
+        patience: int | None = None,
     ) -> None:
         super().__init__()
+        self.patience = patience
+        self._best = math.inf
+        self._since_best = 0
         self.eval_fn, self.target, self.schedule = eval_fn, target, schedule
         self.max_samples, self.max_steps = max_samples, max_steps
         self.adabatch, self.extra_fn = adabatch, extra_fn
@@ -368,6 +374,8 @@ class Progress(Callback):
             rec.evals.append((rec.steps, rec.samples, loss))
             if not math.isfinite(loss) or loss > self.diverge_factor * max(self._first_loss, 1e-12):
                 rec.diverged, stop = True, True
+            elif self.patience is not None and self._stalled(loss):
+                rec.diverged, stop = True, True
             elif self.target is not None and loss <= self.target:
                 frac = 1.0
                 if prev[2] > loss:
@@ -382,6 +390,14 @@ class Progress(Callback):
             stop = True
         if stop:
             trainer.should_stop = True
+
+
+    def _stalled(self, loss: float) -> bool:
+        if loss < self._best:
+            self._best, self._since_best = loss, 0
+            return False
+        self._since_best += 1
+        return self._since_best >= self.patience  # type: ignore[operator]
 
 
 def set_threads(n: int) -> None:
