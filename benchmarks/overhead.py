@@ -7,8 +7,9 @@ batch per optimizer step:
 - ``per-example (torch)``: ``AdaptiveBatchSize(noise="per_example")`` with
   ``ADABATCH_KERNELS=torch`` (the exact torch reference path: ghost norm or materialised
   per-example products per layer, whichever is cheaper);
-- ``per-example (torch) + log every step``: the same with the library's default
-  ``log_every_n_steps=1`` (ten ``pl_module.log`` calls per step), every other row logs never;
+- ``per-example (torch) + log every step``: the same with ``log_every_n_steps=1`` (ten
+  ``pl_module.log`` calls per step; the library's default follows the trainer's interval),
+  every other row logs never;
 - ``off, accumulate k`` and ``micro-batch probe, accumulate k``: the global batch as k
   micro-batches (``noise="microbatch"``: parameter hooks see each micro-batch's gradient);
   compare it with ``off, accumulate k``, since accumulation itself costs;

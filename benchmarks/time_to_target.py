@@ -89,7 +89,8 @@ class Adaptive:
     exponent: float = 1.0
     ramp_frac: float = 0.5  # ramp over this fraction of the smallest fixed batch's samples
     lr_rule: str = "none"
-    max_rel_std: float = 0.5  # the library's default gate; GATE_OFF disables it
+    max_rel_std: float | None = 0.5  # a precision gate; GATE_OFF disables it
+    confidence: float = 0.0  # z of the noise policy's lower bound (the library's default: 2)
 
 
     def label(self) -> str:
@@ -99,7 +100,9 @@ class Adaptive:
             knobs = f"ramp over {self.ramp_frac:g} N(B_min)"
         else:
             knobs = self.policy
-        if self.policy != "ramp" and self.max_rel_std != 0.5:
+        if self.policy != "ramp" and self.confidence > 0:
+            knobs += f" lcb z={self.confidence:g}"
+        elif self.policy != "ramp" and self.max_rel_std != 0.5:
             knobs += " gate off" if self.max_rel_std >= GATE_OFF else f" gate {self.max_rel_std:g}"
         if self.lr_rule == "none":
             return f"{knobs}, lr {self.lr_scale:g} x lr*(B_max), const"
@@ -129,13 +132,21 @@ class Task:
     notes: list[str] = field(default_factory=list)
 
 
-def _grid(lr_scales, cs_lin, cs_sqrt, ramp_fracs, gates=(0.5, GATE_OFF)) -> list[Adaptive]:
+# How a policy treats the estimate's uncertainty: a precision gate, none, or (the library's
+# default) acting on a lower confidence bound.
+TRUST = ((0.5, 0.0), (GATE_OFF, 0.0), (None, 2.0))
+
+
+def _grid(lr_scales, cs_lin, cs_sqrt, ramp_fracs, trust=TRUST) -> list[Adaptive]:
     out = []
     for s in lr_scales:
-        for g in gates:
-            out += [Adaptive("noise", s, c=c, exponent=1.0, max_rel_std=g) for c in cs_lin]
-            out += [Adaptive("noise", s, c=c, exponent=0.5, max_rel_std=g) for c in cs_sqrt]
-            out.append(Adaptive("goodput", s, max_rel_std=g))
+        for g, z in trust:
+            out += [Adaptive("noise", s, c=c, exponent=1.0, max_rel_std=g, confidence=z)
+                    for c in cs_lin]
+            out += [Adaptive("noise", s, c=c, exponent=0.5, max_rel_std=g, confidence=z)
+                    for c in cs_sqrt]
+            if z == 0.0:  # goodput has no lower-bound mode
+                out.append(Adaptive("goodput", s, max_rel_std=g))
         out += [Adaptive("ramp", s, ramp_frac=f) for f in ramp_fracs]
     return out
 
@@ -146,6 +157,7 @@ def _small_grid() -> list[Adaptive]:
     for s in (0.5, 1.0):
         out += [Adaptive("noise", s, c=1.0), Adaptive("noise", s, c=1.0, max_rel_std=GATE_OFF),
                 Adaptive("noise", s, c=2.0, max_rel_std=GATE_OFF),
+                Adaptive("noise", s, c=2.0, max_rel_std=None, confidence=2.0),
                 Adaptive("noise", s, c=4.0, exponent=0.5, max_rel_std=GATE_OFF),
                 Adaptive("goodput", s, max_rel_std=GATE_OFF), Adaptive("ramp", s, ramp_frac=0.5)]
     return out + [Adaptive("noise", 1.0, c=1.0, lr_rule="auto", max_rel_std=GATE_OFF)]
@@ -358,7 +370,7 @@ def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small
     """(model lr, AdaptiveBatchSize kwargs) of a setting."""
     kw: dict[str, Any] = dict(policy=a.policy, min_batch_size=b_min, max_batch_size=b_max,
                               ref_batch_size=b_min, lr_rule=a.lr_rule,
-                              max_rel_std=a.max_rel_std)
+                              max_rel_std=a.max_rel_std, confidence=a.confidence)
     if a.policy == "noise":
         kw.update(noise_scale_factor=a.c, noise_exponent=a.exponent)
     elif a.policy == "ramp":
@@ -830,7 +842,9 @@ def render(outs: list[dict[str, Any]], args, argv, load_before: str, seconds: fl
                      f"the best lr of B={task.batches[-1]} ({out['lr_big']:.3g}); lr rule 'auto' "
                      f"starts from the best lr of B={task.batches[0]} ({out['lr_small']:.3g}) "
                      "and caps the batch where the scaled lr reaches the former; 'gate off' sets "
-                     f"max_rel_std={GATE_OFF:g} (default 0.5)")
+                     f"max_rel_std={GATE_OFF:g}, no label means the gate max_rel_std=0.5, "
+                     "'lcb z=2' acts on B_simple / (1 + 2 rel_std) with no gate (the library's "
+                     "default)")
         lines.append(f"- McCandlish fit to the fixed runs: S_min = {fmt(out['s_min'], '.4g')} "
                      f"steps, E_min = {fmt(out['e_min'], '.4g')} samples; task time "
                      f"{out['seconds']:.0f} s")
