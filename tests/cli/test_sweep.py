@@ -87,3 +87,20 @@ def _assert_png(path):
 
     img = matplotlib.image.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_ctrl_c_stops_running_trials_and_keeps_the_table(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def interrupt(seconds):
+        calls.append(seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.time, "sleep", interrupt)
+    out = tmp_path / "sweep"
+    code = sweep.main(["--config", str(CONFIGS / "synthetic.yaml"), "--grid", "model.lr=0.1,0.2",
+                       *TINY, "--out", str(out), "--jobs", "2"])
+    assert code == 130 and calls
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["state"], r["error"]) for r in rows] == [("FAIL", "interrupted")] * 2
+    assert "interrupted" in capsys.readouterr().out
