@@ -3,12 +3,8 @@ import json
 
 import pytest
 
-from adabatch.callback import AdaptiveBatchSize
 from adabatch.cli.fit import DEFAULT_TASK, with_default_task
 from adabatch.cli.main import main
-
-# The callback body lands separately; until it does, "enabled" can only construct it.
-CALLBACK_IMPLEMENTED = "on_before_optimizer_step" in vars(AdaptiveBatchSize)
 
 
 def _metrics(tmp_path):
@@ -30,12 +26,12 @@ def test_fit_disabled_logs_losses_and_summary(tiny_charlm, tmp_path, capsys):
     assert "adabatch fit summary" in out.out + out.err
 
 
-@pytest.mark.xfail(not CALLBACK_IMPLEMENTED, reason="AdaptiveBatchSize body not there yet",
-                   strict=False)
 def test_fit_enabled_logs_adabatch_metrics(tiny_charlm, tmp_path):
     assert main([*tiny_charlm, "--adabatch.enabled=true"]) == 0
     columns = set(_metrics(tmp_path)[0])
-    assert {"adabatch/gns", "adabatch/batch_size"} <= columns, sorted(columns)
+    assert {"adabatch/gns", "adabatch/batch_size", "adabatch/samples"} <= columns, sorted(columns)
+    summary = json.loads((tmp_path / "run" / "v" / "summary.json").read_text())
+    assert summary["adabatch_enabled"] is True and summary["batch_size_source"] == "adabatch"
 
 
 def test_no_config_defaults_to_the_charlm_task(capsys):

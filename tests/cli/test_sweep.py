@@ -1,4 +1,5 @@
 import csv
+import time
 from argparse import Namespace
 
 import pytest
@@ -91,12 +92,15 @@ def _assert_png(path):
 
 def test_ctrl_c_stops_running_trials_and_keeps_the_table(tmp_path, monkeypatch, capsys):
     calls = []
+    real_sleep = time.sleep
 
-    def interrupt(seconds):
+    def interrupt(seconds):  # the sweep loop's first wait is "Ctrl-C"; later waits are real
         calls.append(seconds)
-        raise KeyboardInterrupt
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_sleep(seconds)
 
-    monkeypatch.setattr(sweep.time, "sleep", interrupt)
+    monkeypatch.setattr(time, "sleep", interrupt)
     out = tmp_path / "sweep"
     code = sweep.main(["--config", str(CONFIGS / "synthetic.yaml"), "--grid", "model.lr=0.1,0.2",
                        *TINY, "--out", str(out), "--jobs", "2"])

@@ -42,7 +42,6 @@ examples:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adabatch`` command."""
-    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         sys.stderr.write(USAGE)
@@ -67,13 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         sys.stderr.write(f"adabatch: unknown command {command!r}\n\n{USAGE}")
         return 2
-    from adabatch.cli.fit import cli_main, with_default_task
+    from adabatch.cli.fit import cli_main
 
-    if from_sys:  # LightningCLI warns when given args while sys.argv has some: use sys.argv
-        sys.argv[1:] = with_default_task(argv)
-        cli_main(None)
-    else:
-        cli_main(argv)
+    cli_main(argv)
     return 0
 
 

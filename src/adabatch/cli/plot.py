@@ -106,6 +106,20 @@ def _spread(values: np.ndarray) -> float:
     return float(v.max() / v.min()) if v.size and (v > 0).all() else 0.0
 
 
+def _short(text: str) -> str:
+    from adabatch.cli.sweep import parse_scalar
+
+    v = parse_scalar(text)
+    return f"{v:.3g}" if isinstance(v, float) else str(text)
+
+
+def _format_x(ax: Any, x_label: str) -> None:
+    if x_label == "samples":  # 200000 -> 200k: long sample counts overlap otherwise
+        from matplotlib.ticker import EngFormatter
+
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def plot_run(path: str | Path, out: str | Path | None = None) -> Path:
     """Four panels (loss, noise scale, batch size, LR factor) of one run; returns the PNG."""
     plt = _pyplot()
@@ -131,6 +145,8 @@ def plot_run(path: str | Path, out: str | Path | None = None) -> Path:
             ax.set_yscale("log", base=2 if title == "batch size" else 10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        _format_x(ax, x_label)
     for ax in axes[-1]:
         ax.set_xlabel(x_label)
     fig.suptitle(str(csv_path.parent), fontsize=9)
@@ -176,7 +192,10 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
             xs = np.array(values, dtype=float)
             ax.scatter(xs, objective)
             if _spread(xs) > 10:
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
         else:
             cats = sorted({str(v) for v in values})
             ax.scatter([cats.index(str(v)) for v in values], objective)
@@ -202,11 +221,13 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         if not m.has(metric):
             continue
         x, y, x_label = m.series(metric)
-        label = f"#{r['trial']} " + " ".join(f"{k.split('.')[-1]}={r[k]}" for k in params)
+        label = f"#{r['trial']} " + " ".join(f"{k.split('.')[-1]}={_short(r[k])}"
+                                             for k in params)
         ax.plot(x, y, "o-" if len(x) < 30 else "-", markersize=3, label=label)
         spread = max(spread, _spread(y))
     if spread > 20:
         ax.set_yscale("log")
+    _format_x(ax, x_label)
     ax.set_xlabel(x_label)
     if ax.lines:
         ax.legend(fontsize=7)

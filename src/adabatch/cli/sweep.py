@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 from adabatch.cli.main import SUMMARY_FILE
+from adabatch.cli.plot import Metrics
 
 SAMPLERS = ("grid", "random", "tpe")
 REDUCTIONS = ("last", "min", "max")
@@ -362,20 +363,16 @@ def trial_command(spec: SweepSpec, params: dict[str, Any], trial_dir: Path) -> l
 
 def read_metric(metrics_csv: Path, metric: str, reduce: str = "last") -> float:
     """One number from a metric's logged values in a `CSVLogger` ``metrics.csv``."""
-    with open(metrics_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if metric not in columns:
-            raise KeyError(f"metric {metric!r} is not in {metrics_csv} "
-                           f"(columns: {', '.join(c for c in columns if c not in ('epoch',))})")
-        values = [float(row[metric]) for row in reader if row.get(metric) not in (None, "")]
-    if not values:
-        raise KeyError(f"metric {metric!r} has no values in {metrics_csv}")
+    m = Metrics(metrics_csv)
+    if not m.has(metric):
+        raise KeyError(f"metric {metric!r} has no values in {metrics_csv} "
+                       f"(logged: {', '.join(m.names())})")
+    values = m.series(metric, x="step")[1]
     if reduce == "min":
-        return min(values)
+        return float(values.min())
     if reduce == "max":
-        return max(values)
-    return values[-1]
+        return float(values.max())
+    return float(values[-1])
 
 
 def error_summary(log_text: str) -> str:
