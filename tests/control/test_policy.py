@@ -403,9 +403,10 @@ def test_ramp_with_hysteresis_is_coarser_but_reaches_the_end():
     decider = BatchSizeDecider(32, 2048, granularity=32, hysteresis=0.2)
     batch, samples, seen = 32, 0, [32]
     while samples < 200_000:
-        new = decider.decide(policy.target(obs(samples, 0, batch)), batch, samples)
-        if new != batch:
-            assert new / batch > 1.2 or new == 2048
+        target = policy.target(obs(samples, 0, batch))
+        new = decider.decide(target, batch, samples)
+        if new != batch:  # hysteresis is judged on the unrounded target
+            assert target / batch > 1.2 or new == 2048
             seen.append(new)
         batch, samples = new, samples + new
     assert seen[-1] == 2048 and seen == sorted(seen) and len(seen) > 5
@@ -422,3 +423,15 @@ def test_noise_policy_acts_on_a_lower_confidence_bound():
     assert gate.target(obs) is None  # a gate would hold the batch at 32
     with pytest.raises(ValueError, match="confidence=-1"):
         NoisePolicy(confidence=-1.0)
+
+
+def test_hysteresis_holds_a_target_on_a_rounding_boundary():
+    """A target near 28 on a grid of 8 rounds to 24 or 32; neither move is 20% of the target."""
+    from adabatch.control.policy import BatchSizeDecider
+
+    decider = BatchSizeDecider(8, 256, granularity=8, hysteresis=0.2)
+    current = 24
+    for target in (28.1, 27.9, 28.3, 27.7, 28.0):
+        current = decider.decide(target, current, samples=0)
+    assert current == 24 and decider.num_changes == 0
+    assert decider.decide(40.0, current, samples=0) == 40  # a real move still happens

@@ -475,7 +475,7 @@ class BatchSizeDecider:
     2. the target is clipped to the bounds and rounded (half up) to a multiple of
        ``granularity`` (bounds are rounded inward to multiples of it);
     3. with ``never_decrease``, a smaller result keeps ``current``;
-    4. the batch changes only when ``|new / current - 1| > hysteresis`` and at least
+    4. the batch changes only when ``|target / current - 1| > hysteresis`` and at least
        ``min_samples_between_changes`` samples have passed since the last change (or since
        sample 0). Two exceptions: a ``current`` outside the bounds is always moved inside,
        and a target at or beyond a bound skips the hysteresis (the bound is then a stable
@@ -561,7 +561,9 @@ class BatchSizeDecider:
         if not out_of_bounds:
             if self.never_decrease and new < current:
                 return current
-            if not at_bound and abs(new / current - 1.0) <= self.hysteresis:
+            # Against the unrounded target: a target sitting on a rounding boundary would
+            # otherwise flip between two grid points, each one grid step (> hysteresis) away.
+            if not at_bound and abs(float(target) / current - 1.0) <= self.hysteresis:
                 return current
             if samples - self.last_change_samples < self.min_samples_between_changes:
                 return current
