@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from results import write_section  # noqa: F401  (re-exported for the scripts)
 from torch.utils.data import Dataset
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -109,36 +109,6 @@ def goal_line(text: str, met: bool | None, detail: str) -> str:
 
 
 # ----------------------------------------------------------------------------- RESULTS.md
-def write_section(path: Path | str, name: str, body: str) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``.
-
-    Creates ``path`` (with a ``# Benchmark results`` title) if it is missing and appends the
-    section if it has no markers yet; every other section is kept byte for byte. The file is
-    locked while it is rewritten, since several scripts write to it.
-    """
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = f"{start}\n{body.strip()}\n{end}"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0)
-            text = f.read()
-            i, j = text.find(start), text.find(end)
-            if i >= 0 and j > i:
-                text = text[:i] + section + text[j + len(end):]
-            else:
-                if not text.strip():
-                    text = "# Benchmark results\n"
-                text = text.rstrip("\n") + "\n\n" + section + "\n"
-            f.seek(0)
-            f.truncate()
-            f.write(text)
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table (cells are ``str()``-ed)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

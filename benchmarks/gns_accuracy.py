@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import fcntl
 import math
 import platform
 import statistics
@@ -32,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_section
 from torch import nn
 
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.tasks.synthetic import LeastSquaresProblem
 
-START, END = "<!-- gns_accuracy:start -->", "<!-- gns_accuracy:end -->"
 POINTS = {"start": 0.0, "mid": 0.5, "near": 0.95}  # w = frac * w_star
 
 
@@ -216,7 +215,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _write_section(args, table: str, elapsed: float) -> None:
     cmd = " ".join(["python", "benchmarks/gns_accuracy.py", *sys.argv[1:]])
     body = "\n".join([
-        START,
         "## gns_accuracy: online GNS vs exact (least squares)",
         "",
         f"- command: `{cmd}`",
@@ -231,27 +229,9 @@ def _write_section(args, table: str, elapsed: float) -> None:
         "be within ~2-3x of it",
         "",
         table,
-        END,
     ])
     path: Path = args.results
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # other benchmark scripts write this file too
-        try:
-            f.seek(0)
-            text = f.read()
-            if START in text and END in text and text.index(START) < text.index(END):
-                i, j = text.index(START), text.index(END) + len(END)
-                text = text[:i] + body + text[j:]
-            else:
-                if not text:
-                    text = "# Benchmark results\n"
-                text = text.rstrip("\n") + "\n\n" + body + "\n"
-            f.seek(0)
-            f.truncate()
-            f.write(text)
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    write_section(path, "gns_accuracy", body)
     print(f"wrote section to {path}")
 
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
-import fcntl
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from results import write_section
 
 # TRITON_INTERPRET is read when triton is first imported: decide before importing adabatch.
 _CUDA = torch.cuda.is_available()
@@ -54,7 +54,6 @@ from torch import nn  # noqa: E402
 
 from adabatch.kernels import reference  # noqa: E402
 
-START, END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 HERE = Path(__file__).resolve().parent
 GOAL_ALL, GOAL_LN, GOAL_FUSED = 0.10, 0.01, 1.25
 
@@ -629,23 +628,7 @@ def write_csv(bench: Bench, path: Path) -> None:
 
 
 def write_results(bench: Bench, path: Path, body_md: str) -> None:
-    body = f"{START}\n{body_md}\n{END}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # other benchmark scripts write this file too
-        try:
-            f.seek(0)
-            text = f.read()
-            if START in text and END in text and text.index(START) < text.index(END):
-                i, j = text.index(START), text.index(END) + len(END)
-                text = text[:i] + body + text[j:]
-            else:
-                text = (text or "# Benchmark results\n").rstrip("\n") + "\n\n" + body + "\n"
-            f.seek(0)
-            f.truncate()
-            f.write(text)
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    write_section(path, "kernels", body_md)
     print(f"wrote section of {path}", flush=True)
 
 

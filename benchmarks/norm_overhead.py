@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import fcntl
 import os
 import platform
 import statistics
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import write_section
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,7 +59,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adabatch import PerExampleGradNorms
 from adabatch.noise import per_example
 
-START, END = "<!-- norm_overhead:start -->", "<!-- norm_overhead:end -->"
 TARGET = 1.25  # the target: the probe adds <= 25% to a CPU training step
 
 
@@ -308,21 +307,7 @@ def cpu_name() -> str:
 
 
 def write_results(path: Path, body: list[str]) -> None:
-    section = "\n".join([START, *body, END])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:  # lock: other benchmarks write their own sections
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        text = fh.read()
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmark results\n\n") + section
-            text += "\n"
-        fh.seek(0)
-        fh.truncate()
-        fh.write(text)
+    write_section(path, "norm_overhead", "\n".join(body))
 
 
 def main(argv: list[str] | None = None) -> None:
