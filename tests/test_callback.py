@@ -231,3 +231,55 @@ def test_auto_resize_grows_the_micro_batch_then_accumulates(tmp_path):
     assert fit.accumulate_grad_batches == 4
     assert {r["batch"] for r in rec.rows[-10:]} == {16}  # 4 micro-batches of 4
     assert rec.rows[0]["batch"] == 2
+
+
+def test_a_skipped_step_leaves_the_scheduler_on_the_users_lr(tmp_path):
+    """AMP's GradScaler skips optimizer.step on inf/NaN gradients, so the step post-hook does
+    not run, and Lightning steps the LR scheduler before the next batch: the scaled lr must
+    be restored anyway, or a chained scheduler loses one step per skipped step."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    class SkipEveryOtherStep(Precision):
+        calls = 0
+
+        def optimizer_step(self, optimizer, model, closure, **kwargs):
+            self.calls += 1
+            if self.calls % 2 == 0:  # as MixedPrecision does when GradScaler finds inf/NaN:
+                closure()  # forward and backward,
+                self._after_closure(model, optimizer)  # on_before_optimizer_step,
+                return None  # and no optimizer.step
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+
+    class Scheduled(LeastSquaresModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.01)
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    model = Scheduled(dim=4)
+    data = LeastSquaresData(dim=4, batch_size=8, num_samples=256)
+    cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=2)  # kappa = 4: lr x 4 in the step
+    fit = trainer(tmp_path, [cb], max_steps=6, plugins=[SkipEveryOtherStep()])
+    fit.fit(model, data)
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**6)
+
+
+def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
+    """Default bounds come from the starting global batch (micro x k x world), also after a
+    resume in which the layout in force is no longer the starting one."""
+
+    def run(root, ckpt_path=None, save=False):
+        seed_everything(0)
+        model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
+        data = SamplerData(dim=4, batch_size=2, num_samples=512)
+        cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=4)
+        extra = [ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1,
+                                 filename="{step}")] if save else []
+        trainer(root, [cb, *extra], max_steps=6, accumulate_grad_batches=2,
+                enable_checkpointing=save).fit(model, data, ckpt_path=ckpt_path)
+        return cb
+
+    fresh = run(tmp_path / "a", save=True)
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
+    assert repr(resumed._decider) == repr(fresh._decider)
+    assert (fresh._decider.min_batch_size, fresh._decider.max_batch_size) == (4, 256)

@@ -6,7 +6,7 @@ their state. See ARCHITECTURE.md for the data flow. Per optimizer step:
 1. ``on_train_batch_start``: restore hyperparameters (defensive, after an AMP-skipped step),
    tell the probe the loss scale of the coming backward, count the micro-batch.
 2. ``on_before_optimizer_step``: the accumulated, all-reduced, unscaled ``.grad`` is the big
-   batch gradient; one all-reduce of four scalars gives every rank the same small-batch
+   batch gradient; one all-reduce of five scalars gives every rank the same small-batch
    statistics; the estimator is updated; the scaling factors are applied to the optimizer.
 3. optimizer step; a step post-hook restores the user's hyperparameters.
 4. ``on_train_batch_end``: count samples, decide the next batch size, resize (at an aligned
@@ -201,8 +201,10 @@ class AdaptiveBatchSize(Callback):
         self._probe: PerExampleGradNorms | MicroBatchGradNorms | None = None
         self._source: str | None = None
         self._sampler: Any = None
+        self._unwrap: Any = None  # undoes _wrap_optimizer_step
         self._world = 1
         self._micro0: int | None = None  # per-rank micro-batch at the start of the run
+        self._start: int | None = None  # global batch at the start of the run
         self._ref: int | None = self.ref_batch_size
         self._target: int | None = None  # global batch size decided
         self._split: Split | None = None  # layout in force
@@ -235,6 +237,7 @@ class AdaptiveBatchSize(Callback):
             "steps": self.steps,
             "history": list(self.history),
             "micro0": self._micro0,
+            "start": self._start,
             "ref_batch_size": self._ref,
             "target": self._target,
             "split": None if self._split is None else [self._split.micro, self._split.accumulation],
@@ -309,6 +312,7 @@ class AdaptiveBatchSize(Callback):
                 "Lightning does not checkpoint; a run resumed mid-epoch restarts that epoch. "
                 "Use adabatch.data.ResizableDataLoader for an exact resume."
             )
+        self._wrap_optimizer_step(trainer)
         self._attach_probe(pl_module)
         if self._restored is not None:
             self._apply_restored(trainer)
@@ -323,7 +327,31 @@ class AdaptiveBatchSize(Callback):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._teardown()
 
+    def _wrap_optimizer_step(self, trainer: Any) -> None:
+        """Restore the user's hyperparameters right after every optimizer step, skipped or not.
+
+        The step post-hook does not run when AMP's GradScaler skips a step (inf/NaN
+        gradients), and Lightning steps the LR schedulers before the next batch starts: they
+        would step on scaled values, and a checkpoint could save them. The precision plugin's
+        ``optimizer_step`` returns in both cases, so restore there as well.
+        """
+        plugin = trainer.strategy.precision_plugin
+        original = plugin.optimizer_step
+
+        def optimizer_step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if self._scaler is not None:
+                    self._scaler.restore()
+
+        plugin.optimizer_step = optimizer_step
+        self._unwrap = lambda: plugin.__dict__.pop("optimizer_step", None)
+
     def _teardown(self) -> None:
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
         if self._probe is not None:
             self._probe.detach()
             self._probe = None
@@ -369,8 +397,11 @@ class AdaptiveBatchSize(Callback):
         if self._estimator is not None and "estimator" in state:
             self._estimator.load_state_dict(state["estimator"])
         self._micro0 = state.get("micro0")
+        self._start = state.get("start")
+        if self._start is None and self._micro0 is not None:  # a checkpoint from before 0.1
+            self._start = self._micro0 * self._world
         self._ref = state.get("ref_batch_size", self._ref)
-        if self._micro0 is not None:
+        if self._micro0 is not None and self._start is not None:
             self._build_policy()
         if self._decider is not None and "decider" in state:
             self._decider.load_state_dict(state["decider"])
@@ -385,8 +416,10 @@ class AdaptiveBatchSize(Callback):
             trainer.accumulate_grad_batches = self._split.accumulation
 
     def _build_policy(self) -> None:
-        assert self._micro0 is not None
-        start = self._micro0 * (self._split.accumulation if self._split else 1) * self._world
+        """Bounds and policy from the run's *starting* batch (restored on resume, since the
+        layout in force may have changed since)."""
+        assert self._micro0 is not None and self._start is not None
+        start = self._start
         granularity = self._micro0 * self._world
         lo = self.min_batch_size if self.min_batch_size is not None else start
         hi = self.max_batch_size if self.max_batch_size is not None else 64 * start
@@ -420,7 +453,7 @@ class AdaptiveBatchSize(Callback):
             self._micro0 = n
             self._split = Split(n, trainer.accumulate_grad_batches)
             start = n * trainer.accumulate_grad_batches * self._world
-            self._target = start
+            self._start = self._target = start
             if self._ref is None:
                 self._ref = start
                 if self.lr_rule != "none":
@@ -558,7 +591,10 @@ class AdaptiveBatchSize(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.enabled:
-            self._apply_pending(trainer, epoch_start=True)
+            # Lightning calls this hook again when a run resumes mid-epoch: only a real epoch
+            # start (no batch done yet) is an aligned boundary.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            self._apply_pending(trainer, epoch_start=done == 0)
         self._t_last = None
 
     def _decide(self, trainer: Any, batch_size: int, throughput: float | None) -> None:
