@@ -148,14 +148,15 @@ def _run_and_record(tmp_path, resize, max_steps, ckpt_path=None, save_every=None
 def test_resume_mid_run_is_exact(tmp_path, resize):
     full_model, full_cb, full_rec = _run_and_record(tmp_path / "full", resize, 40)
     assert len(full_cb.history) >= 2, "the test needs batch-size changes to be meaningful"
-    _run_and_record(tmp_path / "a", resize, 40, save_every=15)
-    ckpt = tmp_path / "a" / "step=15.ckpt"
-    model, cb, rec = _run_and_record(tmp_path / "b", resize, 40, ckpt_path=str(ckpt))
-    assert cb.history == full_cb.history
-    assert [r["batch"] for r in rec.rows] == [r["batch"] for r in full_rec.rows[15:]]
-    assert [r["lr"] for r in rec.rows] == [r["lr"] for r in full_rec.rows[15:]]
-    torch.testing.assert_close(model.linear.weight, full_model.linear.weight, rtol=0, atol=0)
-    assert cb.estimator.state_dict() == full_cb.estimator.state_dict()
+    _run_and_record(tmp_path / "a", resize, 40, save_every=5)
+    for step in (10, 15, 25):  # before, between and after batch-size changes
+        ckpt = tmp_path / "a" / f"step={step}.ckpt"
+        model, cb, rec = _run_and_record(tmp_path / f"b{step}", resize, 40, ckpt_path=str(ckpt))
+        assert cb.history == full_cb.history
+        assert [r["batch"] for r in rec.rows] == [r["batch"] for r in full_rec.rows[step:]]
+        assert [r["lr"] for r in rec.rows] == [r["lr"] for r in full_rec.rows[step:]]
+        torch.testing.assert_close(model.linear.weight, full_model.linear.weight, rtol=0, atol=0)
+        assert cb.estimator.state_dict() == full_cb.estimator.state_dict()
 
 
 def test_non_finite_gradients_never_change_the_batch_size(tmp_path):
