@@ -22,7 +22,6 @@ Also here, because ``time_to_target.py`` and ``rule_fidelity.py`` both need them
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
-from results import write_section  # noqa: F401  (re-exported for the scripts)
+from results import cpu_name, write_section  # noqa: F401  (re-exported for the scripts)
 from torch.utils.data import Dataset
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,15 +48,6 @@ FIGURES_DIR = BENCH_DIR / "figures"
 
 
 # ----------------------------------------------------------------------------- context
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     """The 1/5/15-minute load averages over the number of CPUs, e.g. ``4.4/4.6/4.5 on 2``."""
     try:

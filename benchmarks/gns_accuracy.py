@@ -21,7 +21,6 @@ sections are kept).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import math
 import platform
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from results import write_section
+from results import cpu_name, write_section
 from torch import nn
 
 from adabatch.noise.estimator import GNSEstimator
@@ -143,14 +142,6 @@ def run_per_example(p, w, B, steps, half_life, gen, probe_cls=None):
     return out
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -219,7 +210,7 @@ def _write_section(args, table: str, elapsed: float) -> None:
         "",
         f"- command: `{cmd}`",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- device: CPU ({_cpu_name()}), torch {torch.__version__}, "
+        f"- device: CPU ({cpu_name()}), torch {torch.__version__}, "
         f"python {platform.python_version()}, 1 thread",
         f"- config: dim={args.dim}, noise_std={args.noise_std}, B={args.batch}, "
         f"micro b={args.micro}, seeds={args.seeds}, half-life={args.half_life:g} samples, "

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results import write_section
+from results import cpu_name, write_section
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -294,16 +294,6 @@ def fmt_table(kind: str, result: dict) -> list[str]:
             cells.append(f"{v * 1e3:.1f} ({v / plain:.0%})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_results(path: Path, body: list[str]) -> None:

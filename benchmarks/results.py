@@ -1,4 +1,5 @@
-"""Writing one script's section of benchmarks/RESULTS.md (stdlib only, so any script can).
+"""Writing one script's section of benchmarks/RESULTS.md, and the context a result needs
+(stdlib only, so any script can import it).
 
 Several scripts share the file; each owns the text between ``<!-- NAME:start -->`` and
 ``<!-- NAME:end -->`` and replaces only that.
@@ -6,8 +7,19 @@ Several scripts share the file; each owns the text between ``<!-- NAME:start -->
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import platform
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def write_section(path: Path | str, name: str, body: str) -> None:
