@@ -32,6 +32,7 @@ from adabatch.control.rules import adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.summary import RunSummary, print_summary
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 PolicyName = Literal["noise", "goodput", "ramp", "fixed"]
@@ -217,6 +218,8 @@ class AdaptiveBatchSize(Callback):
         self._restored: dict[str, Any] | None = None
         self._big_params: list[torch.nn.Parameter] = []
         self._big_params_key: tuple[str, ...] | None = None
+        self.run_summary: RunSummary | None = None  # set when training ends (summary.py)
+        self._t_train: float | None = None
 
     @property
     def estimator(self) -> GNSEstimator | None:
@@ -317,11 +320,23 @@ class AdaptiveBatchSize(Callback):
         if self._restored is not None:
             self._apply_restored(trainer)
         self._t_last = None
+        self._t_train = time.perf_counter()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.enabled:  # before _teardown: the summary reads the probe's coverage
+            self.run_summary = RunSummary.from_trainer(trainer, self, t_start=self._t_train)
         self._teardown()
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.enabled and self.run_summary is not None:
+            print_summary(self.run_summary)
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.enabled and self._t_train is not None:
+            self.run_summary = RunSummary.from_trainer(
+                trainer, self, exception=exception, t_start=self._t_train
+            )
+            print_summary(self.run_summary)
         self._teardown()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

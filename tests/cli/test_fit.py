@@ -21,9 +21,9 @@ def test_fit_disabled_logs_losses_and_summary(tiny_charlm, tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "v" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["samples"] == 16
     assert summary["batch_size_history"] == [{"step": 0, "samples": 0, "batch_size": 4}]
-    assert summary["adabatch_enabled"] is False
+    assert summary["enabled"] is False and summary["stop_reason"] == "max_steps"
     out = capsys.readouterr()
-    assert "adabatch fit summary" in out.out + out.err
+    assert "adabatch run summary" in out.out and "disabled" in out.out
 
 
 def test_fit_enabled_logs_adabatch_metrics(tiny_charlm, tmp_path):
@@ -31,7 +31,10 @@ def test_fit_enabled_logs_adabatch_metrics(tiny_charlm, tmp_path):
     columns = set(_metrics(tmp_path)[0])
     assert {"adabatch/gns", "adabatch/batch_size", "adabatch/samples"} <= columns, sorted(columns)
     summary = json.loads((tmp_path / "run" / "v" / "summary.json").read_text())
-    assert summary["adabatch_enabled"] is True and summary["batch_size_source"] == "adabatch"
+    assert summary["enabled"] is True and summary["stop_reason"] == "max_steps"
+    assert summary["steps"] == 4 and summary["samples"] == 16
+    assert summary["batch_size_history"][0] == {"step": 0, "samples": 0, "batch_size": 4}
+    assert summary["noise_source"] in ("per_example", "microbatch")
 
 
 def test_no_config_defaults_to_the_charlm_task(capsys):
