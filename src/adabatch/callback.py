@@ -32,6 +32,7 @@ from adabatch.control.rules import adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.progress import split_progress_metrics, sync_train_total
 from adabatch.summary import RunSummary, print_summary
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
@@ -600,6 +601,9 @@ class AdaptiveBatchSize(Callback):
             self._log(pl_module, stats)
         if self.max_samples is not None and self.samples >= self.max_samples:
             trainer.should_stop = True
+        if self.max_samples is not None and self._split is not None:
+            sync_train_total(trainer, batch_idx=batch_idx, micro_batch=self._split.micro,
+                             samples_left=self.max_samples - self.samples, sampler=self._sampler)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._t_last = None  # keep validation time out of the throughput
@@ -691,7 +695,9 @@ class AdaptiveBatchSize(Callback):
         ):
             if value is not None and math.isfinite(value):
                 metrics[key] = float(value)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        bar, rest = split_progress_metrics(metrics)
+        pl_module.log_dict(rest, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict(bar, on_step=True, on_epoch=False, batch_size=1, prog_bar=True)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
