@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 
 from adabatch.cli.main import SUMMARY_FILE
-from adabatch.cli.plot import Metrics
+from adabatch.cli.metrics import Metrics
 
 SAMPLERS = ("grid", "random", "tpe")
 REDUCTIONS = ("last", "min", "max")
