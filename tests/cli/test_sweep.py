@@ -106,5 +106,67 @@ def test_ctrl_c_stops_running_trials_and_keeps_the_table(tmp_path, monkeypatch, 
                        *TINY, "--out", str(out), "--jobs", "2"])
     assert code == 130 and calls
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["state"], r["error"]) for r in rows] == [("FAIL", "interrupted")] * 2
+    interrupted = [r for r in rows if r["state"] == "FAIL"]
+    assert [r["error"] for r in interrupted] == ["interrupted (re-queued: rerun the command to "
+                                                 "resume)"] * 2
+    # both points are queued again with their parameters (Optuna's retry callback)
+    queued = sorted(r["model.lr"] for r in rows if r["state"] == "WAITING")
+    assert queued == sorted(r["model.lr"] for r in interrupted) == ["0.1", "0.2"]
     assert "interrupted" in capsys.readouterr().out
+
+
+def test_keys_are_checked_before_any_trial_with_suggestions(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    base = ["--config", str(CONFIGS / "synthetic.yaml"), *TINY, "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*base, "--grid", "adabatch.max_batchsize=4,8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'adabatch.max_batchsize'; did you mean 'adabatch.max_batch_size'" in err
+    with pytest.raises(SystemExit):
+        sweep.main([*base, "--set", "model.lrr=0.1", "--grid", "model.lr=0.1,0.2"])
+    assert "did you mean 'model.lr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a value that cannot parse, in the second grid point
+        sweep.main([*base, "--grid", "trainer.max_steps=3,many"])
+    assert "--trainer.max_steps=many" in capsys.readouterr().err
+    assert not (out / "trials").exists()  # nothing ran
+
+
+def test_a_sweep_whose_every_trial_fails_exits_non_zero(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = sweep.main(["--config", str(CONFIGS / "synthetic.yaml"), "--grid", "model.lr=-1",
+                       *TINY, "--out", str(out)])
+    assert code == 1
+    assert "every trial failed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no completed trial"):
+        plot.plot_sweep(out)
+
+
+def test_a_resumed_tpe_sweep_reruns_no_finished_point(tmp_path):
+    """Two sessions of one TPE study, the first interrupted with a trial running: every
+    point runs once, the interrupted one again with its parameters, n_trials in all."""
+    from optuna.trial import TrialState
+
+    spec = sweep.resolve_spec(_ns(range=["model.lr=0.001:0.1:log"], sampler="tpe",
+                                  n_trials=6, out=str(tmp_path / "s")))
+
+    def session(stop_after=None):
+        study = sweep.make_study(spec)
+        source = sweep.TrialSource(spec, study)
+        ran = []
+        while (nxt := source.next()) is not None:
+            trial, params = nxt
+            if stop_after is not None and len(ran) == stop_after:  # Ctrl-C during this one
+                study.tell(trial, state=TrialState.FAIL)
+                sweep.retry_later(study, trial)
+                return ran, params
+            study.tell(trial, params["model.lr"])
+            ran.append(params["model.lr"])
+        return ran, None
+
+    first, interrupted = session(stop_after=3)
+    second, _ = session()
+    assert len(first) == 3 and interrupted is not None
+    assert second[0] == interrupted["model.lr"]  # the interrupted point first, same params
+    done = first + second
+    assert len(done) == 6 and len(set(done)) == 6  # no finished point ran twice

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -20,7 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from adabatch.callback import AdaptiveBatchSize
-from adabatch.cli.main import SUMMARY_FILE
+from adabatch.cli.keys import misspelled
+from adabatch.cli.main import SUBCOMMANDS, SUMMARY_FILE
 from adabatch.summary import RunSummary, print_summary
 
 # The tasks are imported so that their short class names resolve (``model: CharLM``).
@@ -69,11 +71,41 @@ class AdabatchCLI(LightningCLI):
     Any LightningModule/LightningDataModule can be selected with ``model:``/``data:``
     (``class_path`` or a short name of a built-in task); `cli_main` and `main` default to
     the char-LM task when neither a config nor a model/data class is given.
-    Trainer defaults: a `CSVLogger` under ``runs/`` and `SummaryFile`.
+    Trainer defaults: a `CSVLogger` under ``runs/`` and `SummaryFile`. A misspelled key
+    gets a "did you mean" line after jsonargparse's error (`cli.keys`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdaptiveBatchSize, "adabatch")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit as e:
+            if e.code and isinstance(args, list) and args and args[0] in SUBCOMMANDS:
+                sub = parser._subcommands_action._name_parser_map[args[0]]
+                for hint in misspelled(sub, args[1:]):
+                    sys.stderr.write(f"adabatch: {hint}\n")
+            raise
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        self.parser = parser
+
+
+class _ParserOnlyCLI(AdabatchCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        raise _ParserBuilt(parser)
+
+
+def build_parser() -> LightningArgumentParser:
+    """The ``adabatch`` LightningCLI parser (with its subcommands), built but not used."""
+    try:
+        _ParserOnlyCLI(**_cli_kwargs(), args=["fit"], run=True)
+    except _ParserBuilt as built:
+        return built.parser
+    raise RuntimeError("LightningCLI did not parse its arguments")  # pragma: no cover
 
 
 DEFAULT_TASK = [
@@ -104,24 +136,26 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> AdabatchCLI
     tests), with the char-LM task inserted when nothing selects one.
     """
     saved = sys.argv
-    if args is not None:  # LightningCLI warns when both args and sys.argv hold arguments
-        sys.argv = sys.argv[:1]
+    argv = list(sys.argv[1:] if args is None else args)
+    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv hold arguments
     try:
-        return AdabatchCLI(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            trainer_defaults={
-                "logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger",
-                           "init_args": {"save_dir": "runs", "name": "adabatch"}},
-                "callbacks": [SummaryFile()],
-            },
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "adabatch"},
-            args=None if args is None else with_default_task(args),
-            run=run,
-        )
+        return AdabatchCLI(**_cli_kwargs(), args=with_default_task(argv), run=run)
     finally:
         sys.argv = saved
+
+
+def _cli_kwargs() -> dict[str, Any]:
+    return {
+        "model_class": None,
+        "datamodule_class": None,
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "seed_everything_default": 0,
+        "trainer_defaults": {
+            "logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger",
+                       "init_args": {"save_dir": "runs", "name": "adabatch"}},
+            "callbacks": [SummaryFile()],
+        },
+        "save_config_kwargs": {"overwrite": True},
+        "parser_kwargs": {"prog": "adabatch"},
+    }

@@ -5,11 +5,17 @@ Every trial is one ``python -m adabatch.cli.main fit --config ... --KEY=VALUE ..
 logging to its own directory with a `CSVLogger`. The objective is a metric read back from the
 trial's ``metrics.csv``; steps, samples and wall time come from the run's ``summary.json``.
 
+Before any trial starts, every swept and fixed key is checked against the ``adabatch fit``
+parser ("did you mean" for a misspelled one) and every grid point parsed (`check_trials`).
+
 The study lives in an Optuna storage (default ``sqlite:///OUT/study.db``): rerunning the same
-command resumes it (finished trials are kept; grid points and trial slots without a finished
-trial run again), and ``--storage URL`` lets several machines work on one study. ``--jobs N``
-keeps N trial processes running. Ctrl-C stops the running trials, records them as failed
-(``interrupted``), and still prints the table.
+command resumes it, and ``--storage URL`` lets several machines work on one study. Each
+trial's parameters are stored before it runs (grid points enqueued, sampled points asked),
+so a resumed sweep never reruns a point that has a trial: completed and failed points are
+kept (a failed one is not retried: fix it and sweep under a new ``--name``), interrupted ones
+are re-queued with their parameters (`TrialSource`). ``--jobs N`` keeps N trial processes
+running. Ctrl-C stops the running trials, records them as failed (``interrupted``) and
+re-queued, and still prints the table. The exit code is 1 when no trial completed.
 
 Sweep file (``--sweep FILE``; command-line flags override it)::
 
@@ -30,7 +36,9 @@ Sweep file (``--sweep FILE``; command-line flags override it)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import inspect
 import itertools
 import json
 import math
@@ -40,7 +48,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,6 +355,11 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def trial_args(spec: SweepSpec, params: dict[str, Any]) -> list[str]:
+    """``--KEY=VALUE`` arguments of one trial: the fixed overrides, then its parameters."""
+    return [f"--{k}={format_value(v)}" for k, v in {**spec.overrides, **params}.items()]
+
+
 def trial_command(spec: SweepSpec, params: dict[str, Any], trial_dir: Path) -> list[str]:
     """The ``python -m adabatch.cli.main fit ...`` command line of one trial."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -353,8 +367,7 @@ def trial_command(spec: SweepSpec, params: dict[str, Any], trial_dir: Path) -> l
     cmd = [sys.executable, "-m", "adabatch.cli.main", spec.command]
     for c in spec.configs:
         cmd += ["--config", c]
-    for k, v in {**spec.overrides, **params}.items():
-        cmd.append(f"--{k}={format_value(v)}")
+    cmd += trial_args(spec, params)
     cmd += [f"--trainer.logger={json.dumps(logger)}", "--trainer.enable_progress_bar=false"]
     if spec.command == "fit":
         cmd.append("--trainer.enable_checkpointing=false")
@@ -405,6 +418,7 @@ class Running:
     log: Any
     trial_dir: Path
     started: float
+    beat: float = -math.inf  # last heartbeat (perf_counter)
 
 
 def _start(spec: SweepSpec, trial: Any, params: dict[str, Any], out: Path) -> Running:
@@ -440,7 +454,7 @@ def _finish(spec: SweepSpec, study: Any, r: Running, interrupted: bool = False,
     error = None
     value = None
     if interrupted:
-        error = "interrupted"
+        error = "interrupted (re-queued: rerun the command to resume)"
         trial.set_user_attr("interrupted", True)
     elif timed_out:
         error = f"timed out after {spec.timeout:g} s"
@@ -460,6 +474,8 @@ def _finish(spec: SweepSpec, study: Any, r: Running, interrupted: bool = False,
     if error is not None:
         trial.set_user_attr("error", error[:2000])
         study.tell(trial, state=TrialState.FAIL)
+        if interrupted:
+            retry_later(study, trial)
         print(f"[trial {trial.number}] FAILED {_fmt_params(r.params)}: {error} "
               f"(log: {r.trial_dir / 'log.txt'})", flush=True)
     else:
@@ -491,59 +507,165 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else format_value(v)
 
 
+HEARTBEAT_S = 10  # a trial whose driver stopped beating for 3x this is failed and retried
+
+
 class TrialSource:
-    """Hands out the next trial to run: the next unfinished grid point, or a sampler draw."""
+    """Hands out the next trial to run, with Optuna's own bookkeeping.
+
+    Every trial's parameters are in the storage before it runs: grid points are enqueued
+    up front (``enqueue_trial(..., skip_if_exists=True)``: a resumed sweep skips points that
+    already have a trial), sampled trials are recorded by ``study.ask``. A trial that was
+    interrupted (Ctrl-C here, or a driver killed: its heartbeat goes stale) is failed and
+    re-enqueued with the same parameters by Optuna's `RetryHeartbeatStaleTrialCallback`, so
+    a resumed sweep re-runs it rather than drawing a new point. ``n_trials`` counts
+    completed, running, waiting and failed trials, less those superseded by a retry.
+    """
 
     def __init__(self, spec: SweepSpec, study: Any) -> None:
+        import optuna
+
         self.spec = spec
         self.study = study
         self.distributions = {p.key: p.distribution() for p in spec.params}
-        self.attempted: set[tuple] = set()  # grid points started by this process
+        with _quiet():
+            optuna.storages.fail_stale_trials(study)  # trials of a killed driver: fail, retry
+        if spec.sampler == "grid":
+            for point in spec.grid():
+                study.enqueue_trial(point, skip_if_exists=True)
 
-    def _key(self, params: dict[str, Any]) -> tuple:
-        return tuple(json.dumps(params.get(p.key), sort_keys=True) for p in self.spec.params)
+    def counted(self) -> int:
+        """Trials that use up ``n_trials``."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        with _quiet():  # retry_history is marked experimental
+            retried = {n for t in trials for n in _retry_callback().retry_history(t)}
+        return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
     def next(self) -> tuple[Any, dict[str, Any]] | None:
         from optuna.trial import TrialState
 
-        trials = self.study.get_trials(deepcopy=False)
-        if self.spec.sampler == "grid":
-            taken = {self._key(t.params) for t in trials
-                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-            for point in self.spec.grid():
-                key = self._key(point)
-                if key not in taken and key not in self.attempted:
-                    self.attempted.add(key)
-                    self.study.enqueue_trial(point)
-                    trial = self.study.ask(self.distributions)
-                    return trial, dict(trial.params)
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting and (self.spec.sampler == "grid"
+                            or self.counted() >= (self.spec.n_trials or 0)):
             return None
-        counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
-                   or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))]
-        if len(counted) >= (self.spec.n_trials or 0):
-            return None
-        trial = self.study.ask(self.distributions)
+        with warnings.catch_warnings():  # heartbeats are meant for study.optimize; we beat
+            warnings.simplefilter("ignore")
+            try:
+                trial = self.study.ask(self.distributions)
+            except ValueError as e:  # a resumed study whose search space changed
+                raise SweepError(f"study {self.spec.name!r} in {self.spec.out} was run with "
+                                 f"another search space ({e}); use a new --name or --out") from e
         return trial, dict(trial.params)
 
 
+def _retry_callback() -> Any:
+    """Optuna's retry callback class (renamed in Optuna 4.9)."""
+    try:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback as retry
+    except ImportError:  # pragma: no cover - Optuna < 4.9
+        from optuna.storages import RetryFailedTrialCallback as retry
+    return retry
+
+
+def retry_later(study: Any, trial: Any) -> None:
+    """Enqueue an interrupted trial again, with its parameters (Optuna's retry callback)."""
+    with _quiet():
+        _retry_callback()()(study, study._storage.get_trial(trial._trial_id))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Optuna's "experimental" warnings (heartbeats, retries) for one block."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def make_study(spec: SweepSpec) -> Any:
-    """Create or load (resume) the sweep's Optuna study."""
+    """Create or load (resume) the sweep's Optuna study.
+
+    The storage records a heartbeat of each running trial, so a trial whose driver was
+    killed is failed and retried (`TrialSource`). A resumed study's sampler is seeded with
+    ``seed`` + the trials it already holds: the same seed would replay the first session's
+    draws (TPE's and random's start-up draws), re-running finished points.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    storage = spec.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    url = spec.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = url
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        params = inspect.signature(optuna.storages.RDBStorage).parameters
+        name = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params
+                else "failed_trial_callback")  # renamed in Optuna 4.9
+        with _quiet():
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S,
+                **{name: _retry_callback()()})
+    try:
+        existing = len(optuna.load_study(study_name=spec.name, storage=storage).trials)
+    except KeyError:
+        existing = 0
+    seed = spec.seed + existing
     if spec.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=spec.seed)
+        sampler = optuna.samplers.TPESampler(seed=seed)
     else:  # grid points are enqueued; the random sampler only fills in unknown keys
-        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
                                direction=spec.direction, load_if_exists=True)
 
 
+def check_trials(spec: SweepSpec) -> None:
+    """Refuse a sweep whose trials cannot parse, before any trial starts.
+
+    Every swept and fixed key must be one the ``adabatch fit`` parser knows (with "did you
+    mean" suggestions), and every grid point (or both ends of each range) must parse. This
+    imports Lightning once (a few seconds); values that only fail when a class is built
+    (``model.lr=-1``) still fail their own trial.
+    """
+    from jsonargparse import ArgumentError
+
+    from adabatch.cli.keys import is_known, known_keys_for, subcommand_parser, unknown_key_message
+
+    sub = subcommand_parser(spec.command)
+    base = [a for c in spec.configs for a in ("--config", c)]
+    first = {p.key: (p.choices[0] if p.choices is not None else p.low) for p in spec.params}
+    try:
+        known = known_keys_for(sub, base + trial_args(spec, first))
+    except (ArgumentError, SystemExit) as e:
+        raise SweepError(f"the base config does not parse: {e}") from e
+    keys = [*spec.overrides, *(p.key for p in spec.params)]
+    bad = [unknown_key_message(k, known) for k in keys if not is_known(k, known)]
+    if bad:
+        raise SweepError("; ".join(bad))
+    points = spec.grid()[:256] if spec.sampler == "grid" else [
+        {**first, **{p.key: v for p in spec.params if p.choices is None
+                     for v in [int(p.high) if p.integer else p.high]}}, first]
+    if spec.sampler != "grid":
+        points += [{**first, p.key: c} for p in spec.params if p.choices for c in p.choices]
+    saved = sub.exit_on_error
+    sub.exit_on_error = False
+    try:
+        for point in points:
+            args = trial_args(spec, point)
+            try:
+                sub.parse_args(base + args)
+            except (ArgumentError, SystemExit) as e:
+                raise SweepError(f"trial arguments {' '.join(args)} do not parse: "
+                                 f"{str(e).strip()[:1500]}") from e
+    finally:
+        sub.exit_on_error = saved
+
+
 def run_sweep(spec: SweepSpec) -> int:
-    """Run (or resume) a sweep; returns the process exit code (130 after Ctrl-C)."""
+    """Run (or resume) a sweep; returns the exit code: 0, 1 when no trial completed (every
+    trial failed), 130 after Ctrl-C."""
     study = make_study(spec)
     out = Path(spec.out)
     (out / SPEC_FILE).write_text(json.dumps({
@@ -569,6 +691,7 @@ def run_sweep(spec: SweepSpec) -> int:
             if not running:
                 break
             time.sleep(0.2)
+            _beat(study, running)
             for r in list(running):
                 timed_out = (spec.timeout is not None
                              and time.perf_counter() - r.started > spec.timeout)
@@ -584,11 +707,29 @@ def run_sweep(spec: SweepSpec) -> int:
             _finish(spec, study, r, interrupted=True)
         code = 130
     rows = results_table(study, spec)
+    if code == 0 and not any(r["state"] == "COMPLETE" for r in rows):
+        code = 1
     write_results(rows, out / RESULTS_FILE)
     print()
     print(format_table(rows, spec))
-    print(f"\nresults: {out / RESULTS_FILE}   plot: adabatch plot --sweep {out}")
+    if code == 1:
+        print(f"\nno trial completed: every trial failed (errors above and in "
+              f"{out / RESULTS_FILE})", flush=True)
+    else:
+        print(f"\nresults: {out / RESULTS_FILE}   plot: adabatch plot --sweep {out}")
     return code
+
+
+def _beat(study: Any, running: list[Running]) -> None:
+    """Record a heartbeat of each running trial every `HEARTBEAT_S` seconds."""
+    storage = study._storage
+    if not hasattr(storage, "record_heartbeat") or not storage.get_heartbeat_interval():
+        return
+    now = time.perf_counter()
+    for r in running:
+        if now - r.beat >= HEARTBEAT_S:
+            storage.record_heartbeat(r.trial._trial_id)
+            r.beat = now
 
 
 # --- results ------------------------------------------------------------------------------
@@ -601,7 +742,8 @@ def results_table(study: Any, spec: SweepSpec) -> list[dict[str, Any]]:
     done, other = [], []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"rank": None, "trial": t.number, "state": t.state.name}
-        row.update({p.key: t.params.get(p.key) for p in spec.params})
+        params = t.params or t.system_attrs.get("fixed_params", {})  # queued: enqueued params
+        row.update({p.key: params.get(p.key) for p in spec.params})
         row[spec.metric] = t.value if t.state == TrialState.COMPLETE else None
         for k in ("steps", "samples", "wall_time_s"):
             row[k] = t.user_attrs.get(k)
@@ -656,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("adabatch sweep needs Optuna: pip install 'adabatch[sweep]'")
     try:
         spec = resolve_spec(ns)
+        check_trials(spec)
     except SweepError as e:
         parser.error(str(e))
     return run_sweep(spec)
