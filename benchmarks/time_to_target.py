@@ -221,7 +221,7 @@ def synthetic_task(quick: bool) -> Task:
 
     def extra_fn(module) -> dict[str, float]:
         # B_simple = tr(Sigma)/|G|^2 and McCandlish's B_noise = tr(H Sigma)/(G^T H G), H = S:
-        # with d = w - w*, G = S d and Sigma = S d d^T S + (d^T S d + s^2) S (DESIGN.md),
+        # with d = w - w*, G = S d and Sigma = S d d^T S + (d^T S d + s^2) S (docs/DESIGN.md),
         # B_noise = 1 + (d^T S d + s^2) tr(S^2) / (d^T S^3 d).
         w = module.linear.weight.detach().double().reshape(-1)
         d = w - problem.w_star

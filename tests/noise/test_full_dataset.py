@@ -5,7 +5,7 @@ of all N = 1797 examples from float64 `torch.func.vmap(grad)` give the exact G (
 and Sigma (their population covariance). Batches are drawn with replacement, i.e. i.i.d. from
 the empirical distribution, for which the estimators are unbiased for exactly these G and
 Sigma (drawing without replacement would instead target tr(Sigma) N/(N-1) /
-(|G|^2 - tr(Sigma)/(N-1)), see DESIGN.md).
+(|G|^2 - tr(Sigma)/(N-1)), see docs/DESIGN.md).
 """
 
 from __future__ import annotations

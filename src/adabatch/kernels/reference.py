@@ -87,8 +87,8 @@ def choose_method(T: int, i: int, o: int) -> str:
     """The cheaper exact method for a [T, i] -> [T, o] layer: ghost if T(i + o) <= i*o.
 
     That is the comparison of the two costs per example, ghost ~2T^2(i + o) against
-    materialise ~2T*i*o (DESIGN.md's shorthand "2T^2 <= i*o" is looser); the CPU timings in
-    benchmarks/norm_overhead.py follow this flop count.
+    materialise ~2T*i*o (docs/DESIGN.md; its first draft's "2T^2 <= i*o" was looser); the
+    CPU timings in benchmarks/norm_overhead.py follow this flop count.
     """
     return "ghost" if T * (i + o) <= i * o else "materialize"
 

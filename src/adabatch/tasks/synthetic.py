@@ -132,7 +132,7 @@ class LeastSquaresData(TaskData):
         num_samples: training examples per epoch.
         fresh: draw every training example independently on access (the population itself)
             instead of a fixed dataset of ``num_samples``; a fixed set of N examples biases
-            the measured noise scale by about B_simple / N (DESIGN.md).
+            the measured noise scale by about B_simple / N (docs/DESIGN.md).
         val_samples: size of the fixed validation set.
         num_workers: DataLoader workers.
         resizable: a resizable training loader (see `TaskData`), for ``adabatch.resize:
