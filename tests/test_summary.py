@@ -104,3 +104,21 @@ def test_long_history_is_elided_in_the_table(n):
     assert "..." in text and f"{8 + n - 1} (step {n - 1}" in text
     assert len(RunSummary(start_batch_size=8, history=hist).to_dict()["batch_size_history"]) \
         == n + 1
+
+
+def test_a_fit_that_fails_still_reports_what_it_did(tmp_path, capsys):
+    class Failing(LeastSquaresModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    seed_everything(0)
+    cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=2, resize="sampler")
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [cb], max_steps=10).fit(
+            Failing(dim=4, lr=0.05), SamplerData(dim=4, batch_size=2, num_samples=64))
+    s = cb.run_summary
+    assert s is not None and s.stop_reason == "error (RuntimeError)"
+    assert (s.steps, s.samples) == (3, 6)
+    assert "error (RuntimeError)" in capsys.readouterr().out

@@ -799,6 +799,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = resolve_spec(ns)
         check_trials(spec)
+        return run_sweep(spec)
     except SweepError as e:
         parser.error(str(e))
-    return run_sweep(spec)
