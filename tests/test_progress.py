@@ -6,6 +6,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lit_helpers import SamplerData, trainer
 
 from adabatch import AdaptiveBatchSize
+from adabatch.control.policy import FixedPolicy, RampPolicy
 from adabatch.progress import batches_left
 from adabatch.tasks.synthetic import LeastSquaresModel
 
@@ -36,7 +37,7 @@ def _fit(tmp_path, cb, bar, **kw):
 @pytest.mark.parametrize("bar", BARS)
 def test_total_is_the_batches_a_sample_budget_allows(tmp_path, bar):
     # 50 samples at batch 2: 25 batches, whatever max_steps (Lightning's total) says.
-    cb = AdaptiveBatchSize(policy="fixed", max_samples=50, resize="sampler")
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), max_samples=50, resize="sampler")
     t, rec = _fit(tmp_path, cb, bar, max_steps=1000)
     assert rec.batches == 25 and cb.samples == 50
     assert rec.totals == [25] * 25
@@ -46,8 +47,8 @@ def test_total_is_the_batches_a_sample_budget_allows(tmp_path, bar):
 
 @pytest.mark.parametrize("bar", BARS)
 def test_total_follows_a_growing_batch(tmp_path, bar):
-    cb = AdaptiveBatchSize(policy="ramp", ramp_samples=40, min_batch_size=2, max_batch_size=8,
-                           ref_batch_size=2, resize="sampler", max_samples=120)
+    cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=40), min_batch_size=2,
+                           max_batch_size=8, ref_batch_size=2, resize="sampler", max_samples=120)
     _, rec = _fit(tmp_path, cb, bar, max_steps=1000)
     assert rec.totals[-1] == rec.batches  # the bar ends full
     assert rec.totals[0] > rec.batches  # first estimated at the starting batch of 2: 60

@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lit_helpers import SamplerData, trainer
 
 from adabatch import AdaptiveBatchSize
+from adabatch.control.policy import FixedPolicy, RampPolicy
 from adabatch.summary import RunSummary, stop_reason
 from adabatch.tasks.synthetic import LeastSquaresModel
 
@@ -26,8 +27,9 @@ class SampleCounter(Callback):
 
 def _ramp():
     # The one place that names policy arguments: a ramp 2 -> 8 over 40 samples.
-    return AdaptiveBatchSize(policy="ramp", ramp_samples=40, min_batch_size=2, max_batch_size=8,
-                             ref_batch_size=2, resize="sampler", max_samples=120)
+    return AdaptiveBatchSize(policy=RampPolicy(ramp_samples=40), min_batch_size=2,
+                             max_batch_size=8, ref_batch_size=2, resize="sampler",
+                             max_samples=120)
 
 
 def _run(root, ckpt_path=None, save=False):
@@ -114,7 +116,7 @@ def test_a_fit_that_fails_still_reports_what_it_did(tmp_path, capsys):
             return super().training_step(batch, batch_idx)
 
     seed_everything(0)
-    cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=2, resize="sampler")
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=2, resize="sampler")
     with pytest.raises(RuntimeError, match="boom"):
         trainer(tmp_path, [cb], max_steps=10).fit(
             Failing(dim=4, lr=0.05), SamplerData(dim=4, batch_size=2, num_samples=64))

@@ -27,22 +27,28 @@ def normalise(key: str) -> str:
 
 
 def known_keys(cfg: Any) -> set[str]:
-    """Every leaf key of a parsed config, and each of its parents, in the short form."""
+    """Every leaf key of a parsed config, and each of its parents, in the short form; a
+    leaf whose value is unset (None: an object such as a policy not chosen yet) is also
+    recorded as ``key.*``, since the keys below it depend on the class chosen there."""
     out: set[str] = set()
     for key in cfg.keys():
         short = normalise(key)
         parts = short.split(".")
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if cfg[key] is None:
+            out.add(short + ".*")
     return out
 
 
 def is_known(key: str, known: set[str]) -> bool:
-    """Known exactly, or below a known key whose value is free-form (``trainer.logger.*``)."""
+    """Known exactly, or below a key whose content the parser checks only once a class is
+    chosen (an unset object, ``trainer.logger.*``): the value parse then judges it."""
     key = normalise(key)
     if key in known:
         return True
     parts = key.split(".")
-    return any(".".join(parts[:i]) in _FREE_FORM_PARENTS for i in range(1, len(parts)))
+    parents = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(p in _FREE_FORM_PARENTS or p + ".*" in known for p in parents)
 
 
 # Values that are objects or dicts of their own (class_path/init_args or free dicts): the
@@ -62,7 +68,8 @@ def suggestions(key: str, known: Iterable[str], n: int = 3) -> list[str]:
         ['adabatch.max_batch_size']
     """
     key = normalise(key)
-    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in set(known)),
+    names = {k for k in known if not k.endswith(".*")}
+    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in names),
                     key=lambda t: (-t[0], t[1]))
     if not scored or scored[0][0] < 0.6:
         return []
