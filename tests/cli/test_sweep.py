@@ -48,6 +48,10 @@ def test_spec_resolution_and_errors(tmp_path):
     spec = sweep.resolve_spec(_ns(sweep=str(CONFIGS / "sweeps" / "example.yaml"), config=None))
     assert spec.sampler == "tpe" and spec.n_trials == 6 and spec.configs
     assert {p.key for p in spec.params} == {"adabatch.policy.init_args.exponent", "model.lr"}
+    sweep.check_trials(spec)  # a policy's init_args are keys the parser knows
+    with pytest.raises(SweepError, match="did you mean 'adabatch.policy.exponent'"):
+        spec.params[0].key = "adabatch.policy.init_args.exponnent"
+        sweep.check_trials(spec)
     with pytest.raises(SweepError, match="'model.lr'"):
         sweep.resolve_spec(_ns(range=["model.lr=0.1:1"], sampler="grid"))
     with pytest.raises(SweepError, match="empty"):
