@@ -88,7 +88,7 @@ def test_grid_sweep_records_a_failing_trial_and_resumes(tmp_path, capsys):
     fig = plot.build_sweep_figure(out)  # objective vs lr, steps, wall time; best curves
     assert [ax.get_xlabel() for ax in fig.axes] == [
         "model.lr", "optimizer steps of the trial", "wall time of the trial (s)",
-        "optimizer steps"]
+        "samples (training examples seen)"]  # fixed-batch trials: steps x their batch
     assert all(ax.get_ylabel().startswith("val_loss") for ax in fig.axes)
     assert [len(ax.collections[0].get_offsets()) for ax in fig.axes[:3]] == [2, 2, 2]
 
