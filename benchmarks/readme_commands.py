@@ -12,7 +12,7 @@ Each run's wall time is the process's, start to exit (imports, data, validation 
 samples, steps, the batch history and the final losses come from its ``summary.json``
 (`adabatch.summary.RunSummary`). The README quotes this section.
 
-    python benchmarks/readme_commands.py --quick   # seconds: a tiny char-LM, for the tests
+    python benchmarks/readme_commands.py --quick   # a tiny char-LM (under a minute)
     python benchmarks/readme_commands.py           # the README's job (minutes on a CPU)
 """
 
@@ -87,7 +87,7 @@ def report(rows: list[dict[str, Any]], argv: list[str] | None, load: str,
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny char-LM (seconds)")
+    ap.add_argument("--quick", action="store_true", help="tiny char-LM (under a minute)")
     ap.add_argument("--results", type=Path, default=None,
                     help="RESULTS.md to write (default: benchmarks/RESULTS.md unless --quick)")
     ap.add_argument("--runs", default="adaptive,fixed", help="comma-separated: adaptive,fixed")
