@@ -317,3 +317,30 @@ def test_default_lr_rule_saturates_where_the_linear_rule_diverges(tmp_path):
     assert cb.batch_size >= 512  # kappa >= 32
     assert not math.isfinite(linear[-1]) or linear[-1] > 1e6 * linear[0]
     assert math.isfinite(default[-1]) and default[-1] < default[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_batch_size": 4}, r"starting global batch of 8 .*max_batch_size=4"),
+        ({"min_batch_size": 12}, r"starting global batch 8 .*min_batch_size=16"),  # 12 -> 16
+        ({"min_batch_size": 5, "max_batch_size": 7}, "no multiple of granularity=8"),
+    ],
+)
+def test_bounds_that_cannot_be_honoured_are_refused(tmp_path, kwargs, match):
+    """One bounds object: rounded inward on the micro-batch grid, and the run must start
+    inside them (a max below the start was silently raised to it)."""
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = LeastSquaresData(dim=4, batch_size=8, num_samples=64)
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=8, **kwargs)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(tmp_path, [cb], max_steps=2).fit(model, data)
+
+
+def test_min_batch_size_rounds_up_to_the_grid(tmp_path):
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = SamplerData(dim=4, batch_size=4, num_samples=64)
+    cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=0), min_batch_size=4,
+                           max_batch_size=10, resize="sampler", ref_batch_size=4)
+    trainer(tmp_path, [cb], max_steps=2).fit(model, data)
+    assert (cb.policy.bounds.lo, cb.policy.bounds.hi) == (4, 8)
