@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from adabatch.control.apply import OptimizerScaler
 from adabatch.control.policy import BatchSizeDecider, Observation, make_policy
 from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
+from adabatch.control.restart import repair_epoch_end_restart
 from adabatch.control.rules import adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
@@ -314,6 +315,7 @@ class AdaptiveBatchSize(Callback):
             )
         self._wrap_optimizer_step(trainer)
         self._attach_probe(pl_module)
+        repair_epoch_end_restart(trainer)  # before the epoch loop starts (control/restart.py)
         if self._restored is not None:
             self._apply_restored(trainer)
         self._t_last = None
