@@ -480,6 +480,9 @@ class AdaptiveBatchSize(Callback):
         stats = self._measure(trainer, pl_module)
         self._step_stats = stats
         batch = int(stats["samples"])
+        # Counted here, not in on_train_batch_end: Lightning steps a step-interval LR scheduler
+        # between the two, and a schedule reading ``samples`` must see this step's samples.
+        self.samples += batch
         self._notify_ema(trainer, batch)
         accepted = False
         if stats["b"] < batch:
@@ -571,7 +574,12 @@ class AdaptiveBatchSize(Callback):
             return  # still accumulating
         stats, self._step_stats = self._step_stats, None
         batch_size = int(stats["samples"])
-        self.samples += batch_size
+        # The layout this step ran with (logged), before a decision changes the trainer's: the
+        # micro-batch it read and the micro-batches in its window (a short last one included).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        stats["micro"] = float(extract_batch_size(batch))
+        stats["accumulation"] = float(done % trainer.accumulate_grad_batches
+                                      or trainer.accumulate_grad_batches)
         self.steps += 1
         if self._sampler is not None:
             self._sampler.advance(batch_size)
@@ -593,10 +601,10 @@ class AdaptiveBatchSize(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.enabled:
-            # Lightning calls this hook again when a run resumes mid-epoch: only a real epoch
-            # start (no batch done yet) is an aligned boundary.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            self._apply_pending(trainer, epoch_start=done == 0)
+            # Always a real epoch start: Lightning 2.6 skips this hook when it resumes mid-epoch
+            # (and repair_epoch_end_restart turns an epoch-end resume into a plain start). Do not
+            # read batch_progress here: the epoch loop resets it only after this hook.
+            self._apply_pending(trainer, epoch_start=True)
         self._t_last = None
 
     def _decide(self, trainer: Any, batch_size: int, throughput: float | None) -> None:
@@ -665,8 +673,8 @@ class AdaptiveBatchSize(Callback):
         metrics = {
             "adabatch/batch_size": float(stats["samples"]),
             "adabatch/target_batch_size": float(self._target or stats["samples"]),
-            "adabatch/micro_batch": float(self._split.micro),
-            "adabatch/accumulation": float(self._split.accumulation),
+            "adabatch/micro_batch": stats.get("micro", float(self._split.micro)),
+            "adabatch/accumulation": stats.get("accumulation", float(self._split.accumulation)),
             "adabatch/lr_factor": stats.get("lr_factor", 1.0),
             "adabatch/samples": float(self.samples),
         }
