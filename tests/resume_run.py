@@ -9,6 +9,7 @@ schedule read from the callback's sample count.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -53,7 +54,8 @@ class Recorder(Callback):
     Put it after `AdaptiveBatchSize` so it sees the scaled LR.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Path | None = None) -> None:
+        self.journal = journal  # rows are appended there as they come (survives a SIGKILL)
         self.rows: list[dict[str, Any]] = []
         self._samples = 0
         self._micro = 0
@@ -70,6 +72,9 @@ class Recorder(Callback):
                           "micro_batches": self._micro, "first": self._first,
                           "lr": optimizer.param_groups[0]["lr"],
                           "epoch": trainer.current_epoch})
+        if self.journal is not None:
+            with self.journal.open("a") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
         self._samples, self._micro, self._first = 0, 0, None
 
 
@@ -81,10 +86,18 @@ class Killer(Callback):
 
     def __init__(self, step: int, hook: str) -> None:
         self.step, self.hook = step, hook
+        self.last: tuple[int, str] | None = None  # the last (step, hook) passed
 
     def _maybe(self, trainer: Any, hook: str) -> None:
-        if hook == self.hook and trainer.global_step == self.step:
+        event = (trainer.global_step, hook)
+        if event == self.last:
+            return  # a later micro-batch of the same step
+        if event == (self.step, self.hook):
             os.kill(os.getpid(), signal.SIGKILL)
+        self.last = event
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["chaos_event"] = self.last  # where in the run this checkpoint was saved
 
     def on_train_batch_start(self, trainer, pl_module, batch, idx):
         self._maybe(trainer, "on_train_batch_start")
@@ -110,6 +123,7 @@ def fit(
     save: bool = False,
     kill: tuple[int, str] | None = None,
     callback: AdaptiveBatchSize | None = None,
+    journal: Path | None = None,
 ) -> tuple[ScheduledModel, AdaptiveBatchSize, Recorder]:
     """Train from scratch or from ``ckpt_path``; ``save`` writes a checkpoint after every step
     (``s<step>.ckpt``) and at every epoch end (``e<step>.ckpt``)."""
@@ -122,7 +136,7 @@ def fit(
         end = 4 * start if mode == "accumulate" else 16
         callback = ramp_callback(start, end, ramp_samples=150, resize=mode, ref_batch_size=4)
     model.counter = callback
-    rec = Recorder()
+    rec = Recorder(journal)
     callbacks: list[Callback] = [callback, rec]
     if kill is not None:
         callbacks.append(Killer(*kill))

@@ -20,6 +20,11 @@ checkpoint into the next epoch, but not as that epoch would have started (measur
   iterator is created (and a batch prefetched) before ``set_epoch``: the next epoch runs in
   the previous epoch's order, with the starting batch size.
 
+Not repaired (Lightning keeps no partial gradients): a checkpoint saved inside an accumulation
+window, e.g. by ``ModelCheckpoint(train_time_interval=...)``, resumes with that window's earlier
+micro-batches lost. ``ModelCheckpoint(every_n_train_steps=...)`` saves at steps only, except
+right after a resume, which `repair_epoch_end_restart` also prevents.
+
 `repair_epoch_end_restart` turns each of these into what an uninterrupted run does at an
 epoch start (counters reset, the epoch-start hooks called, the loaders' saved states loaded and
 a fresh iterator made). It must run in ``on_train_start``: after the fit loop's ``reset`` and
@@ -53,6 +58,13 @@ def repair_epoch_end_restart(trainer: Any) -> str | None:
     epoch_loop = getattr(fit_loop, "epoch_loop", None)
     if fit_loop is None or epoch_loop is None or not hasattr(fit_loop, "_restart_stage"):
         return None
+    for checkpoint in getattr(trainer, "checkpoint_callbacks", []):
+        # ModelCheckpoint does not save the step it last saved at: resumed at step g inside an
+        # accumulation window it saves again at g, mid-window, and Lightning checkpoints no
+        # partial gradients, so a run resumed from *that* file is not exact (measured by
+        # tests/scripts/chaos_resume.py). The uninterrupted run saved at g already.
+        if getattr(checkpoint, "_last_global_step_saved", None) == 0:
+            checkpoint._last_global_step_saved = trainer.global_step
     if not math.isinf(trainer.num_training_batches):
         return None  # Lightning resets the batch counter itself when the loader has a length
     batches = epoch_loop.batch_progress
