@@ -284,3 +284,78 @@ def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     assert repr(resumed._decider) == repr(fresh._decider)
     assert (fresh._decider.min_batch_size, fresh._decider.max_batch_size) == (4, 256)
+
+
+# ------------------------------------------------------------------ checkpoint state
+_GOOD_STATE = {
+    "version": 1, "samples": 96, "steps": 12, "micro0": 4, "start": 8, "ref_batch_size": 8,
+    "target": 16, "split": [4, 4], "pending": None,
+    "history": [{"step": 5, "samples": 40, "batch_size": 16, "from": 8}],
+    "estimator": {"version": 1, "weight": 0.5, "weight_sq": 0.1, "mean_grad_sq": 1.0,
+                  "mean_trace_sigma": 20.0, "m2_grad_sq": 0.1, "m2_trace_sigma": 2.0,
+                  "c2_grad_sq_trace_sigma": -0.3, "last_grad_sq": 1.1,
+                  "last_trace_sigma": math.nan, "num_updates": 12, "num_skipped": 0,
+                  "samples": 96.0},
+    "decider": {"last_change_samples": 40, "num_changes": 1},
+}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("split", [4], r"split=\[4\] must be \[micro_batch, accumulation\]"),
+    ("split", [0, 0], r"split\[0\] \(micro-batch\)=0"),
+    ("split", [4, 1.5], r"split\[1\] \(accumulation\)=1.5"),
+    ("pending", "4x2", "pending='4x2'"),
+    ("micro0", 0, "micro0=0"),
+    ("start", "8", "start='8'"),
+    ("start", 6, "start=6 must be a multiple of micro0=4"),
+    ("ref_batch_size", 0, "ref_batch_size=0"),
+    ("ref_batch_size", True, "ref_batch_size=True"),
+    ("target", -16, "target=-16"),
+    ("samples", -1, "samples=-1"),
+    ("steps", 2.0, "steps=2.0"),
+    ("version", 99, "version=99 is newer"),
+    ("estimator", "gns=3", "estimator='gns=3'"),
+    ("estimator", {"mean_grad_sq": math.nan}, "estimator.mean_grad_sq=nan"),
+    ("estimator", {"mean_trace_sigma": math.inf}, "estimator.mean_trace_sigma=inf"),
+    ("estimator", {"weight": -0.1}, "estimator.weight=-0.1"),
+    ("estimator", {"num_updates": "3"}, "estimator.num_updates='3'"),
+    ("estimator", {"version": 7}, "estimator.version=7"),
+    ("decider", {"num_changes": -1}, "decider.num_changes=-1"),
+    ("history", [{"step": 1, "samples": 8, "batch_size": 0, "from": 8}],
+     r"history\[0\].batch_size=0"),
+    ("history", "none", "history='none'"),
+    ("policy", {"step_time": [[8, math.nan]]}, r"policy.step_time\[0\]\[1\]=nan"),
+])
+def test_bad_checkpoint_state_is_refused_at_load_naming_the_field(field, value, message):
+    state = {**_GOOD_STATE, field: value}
+    cb = AdaptiveBatchSize(policy="fixed")
+    with pytest.raises(ValueError, match=message):
+        cb.load_state_dict(state)
+    assert cb.samples == 0 and cb.steps == 0 and cb.history == [] and cb._restored is None
+
+
+def test_good_checkpoint_state_loads():
+    cb = AdaptiveBatchSize(policy="fixed")
+    cb.load_state_dict(_GOOD_STATE)
+    assert (cb.samples, cb.steps, cb.history) == (96, 12, _GOOD_STATE["history"])
+
+
+def test_the_constructors_ref_batch_size_wins_over_the_checkpoints(tmp_path):
+    """Saved with ref 4, resumed with an explicit ref 8: a warning, and kappa = B / 8."""
+
+    def run(root, ref, ckpt_path=None):
+        seed_everything(0)
+        model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
+        data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
+        cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=ref)
+        rec = StepRecorder()
+        save = [ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1,
+                                filename="{step}")] if ckpt_path is None else []
+        trainer(root, [cb, rec, *save], max_steps=4, accumulate_grad_batches=2,
+                enable_checkpointing=not ckpt_path).fit(model, data, ckpt_path=ckpt_path)
+        return rec
+
+    run(tmp_path / "a", ref=4)
+    with pytest.warns(UserWarning, match="ref_batch_size=8 differs from the checkpoint's 4"):
+        rec = run(tmp_path / "b", ref=8, ckpt_path=str(tmp_path / "a" / "step=2.ckpt"))
+    assert {r["lr"] for r in rec.rows} == {0.05}  # B = 8 = ref: the user's lr, unscaled

@@ -33,6 +33,7 @@ from adabatch.control.rules import adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.state import STATE_VERSION, validate_state
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 PolicyName = Literal["noise", "goodput", "ramp", "fixed"]
@@ -233,7 +234,7 @@ class AdaptiveBatchSize(Callback):
         if not self.enabled:
             return {}
         state: dict[str, Any] = {
-            "version": 1,
+            "version": STATE_VERSION,
             "samples": self.samples,
             "steps": self.steps,
             "history": list(self.history),
@@ -257,11 +258,14 @@ class AdaptiveBatchSize(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.enabled or not state_dict:
             return
-        # Applied in on_train_start: the trainer, optimizer and loader exist only then.
-        self._restored = dict(state_dict)
-        self.samples = int(state_dict.get("samples", 0))
-        self.steps = int(state_dict.get("steps", 0))
-        self.history = list(state_dict.get("history", []))
+        # Checked whole before any of it is kept (adabatch/state.py): a bad field is refused
+        # here, naming it, never half-applied. Applied in on_train_start: the trainer,
+        # optimizer and loader exist only then.
+        state = validate_state(state_dict)
+        self._restored = state
+        self.samples = state["samples"]
+        self.steps = state["steps"]
+        self.history = state["history"]
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -402,7 +406,17 @@ class AdaptiveBatchSize(Callback):
         self._start = state.get("start")
         if self._start is None and self._micro0 is not None:  # a checkpoint from before 0.1
             self._start = self._micro0 * self._world
-        self._ref = state.get("ref_batch_size", self._ref)
+        saved_ref = state.get("ref_batch_size")
+        if self.ref_batch_size is None:
+            self._ref = saved_ref if saved_ref is not None else self._ref
+        elif saved_ref is not None and saved_ref != self.ref_batch_size:
+            # The constructor's explicit value wins: it is the user's current statement of
+            # where the hyperparameters were tuned (the LR then changes at the resume).
+            rank_zero_warn(
+                f"adabatch: ref_batch_size={self.ref_batch_size} differs from the checkpoint's "
+                f"{saved_ref}; using {self.ref_batch_size}: the scaled hyperparameters change "
+                "from the resumed step on"
+            )
         if self._micro0 is not None and self._start is not None:
             self._build_policy()
         if self._decider is not None and "decider" in state:
