@@ -359,3 +359,77 @@ def test_the_constructors_ref_batch_size_wins_over_the_checkpoints(tmp_path):
     with pytest.warns(UserWarning, match="ref_batch_size=8 differs from the checkpoint's 4"):
         rec = run(tmp_path / "b", ref=8, ckpt_path=str(tmp_path / "a" / "step=2.ckpt"))
     assert {r["lr"] for r in rec.rows} == {0.05}  # B = 8 = ref: the user's lr, unscaled
+
+
+# ------------------------------------------------------------------ one owner of the layout
+def _ramp(start, end, ramp_samples, **kwargs):
+    from resume_run import ramp_callback  # the one place that spells the ramp policy
+
+    return ramp_callback(start, end, ramp_samples, **kwargs)
+
+
+@pytest.mark.parametrize("conflict", ["scheduler", "dict"])
+def test_other_layout_writers_are_refused_at_setup(tmp_path, conflict):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    cb = AdaptiveBatchSize(policy="fixed", max_batch_size=8)
+    callbacks, kwargs, message = [cb], {}, "GradientAccumulationScheduler"
+    if conflict == "scheduler":
+        callbacks.append(GradientAccumulationScheduler({0: 4}))
+    else:  # Lightning 2.6 stores a dict unchecked, then fails on `ready % dict` mid-run
+        kwargs, message = {"accumulate_grad_batches": {0: 2}}, "accumulate_grad_batches="
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer(tmp_path, callbacks, max_steps=4, **kwargs).fit(LeastSquaresModel(dim=4), data)
+
+
+def test_a_layout_written_behind_the_callbacks_back_is_refused(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Meddler(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.accumulate_grad_batches = 3
+
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=3 was changed"):
+        trainer(tmp_path, [AdaptiveBatchSize(policy="fixed"), Meddler()],
+                max_steps=8).fit(LeastSquaresModel(dim=4), data)
+
+
+@pytest.mark.parametrize("resize", ["accumulate", "sampler"])
+def test_a_decided_change_lands_within_an_epoch_and_is_logged_when_it_acts(tmp_path, resize):
+    """40 samples, micro-batch 4, ramp 4 -> 16: a change to accumulation 4 decided mid-epoch
+    at a boundary it cannot take (10 batches % 4) used to wait for an epoch start that never
+    came (the epoch-start test read batch_progress before Lightning reset it). Every change
+    must act within one epoch of its decision, and the logged micro-batch and accumulation of
+    each step must be the ones it ran with."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    model = LeastSquaresModel(dim=4, lr=0.01)
+    data = (SamplerData if resize == "sampler" else LeastSquaresData)(
+        dim=4, batch_size=4, num_samples=40)
+    cb = _ramp(4, 16, ramp_samples=200, resize=resize, ref_batch_size=4)
+    rec = StepRecorder()
+    logger = CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, [cb, rec], max_epochs=12, logger=logger, log_every_n_steps=1).fit(
+        model, data)
+    assert cb._pending is None and cb.history[-1]["batch_size"] == 16
+    batches = [r["batch"] for r in rec.rows]
+    steps_per_epoch = 40 // 4  # at most: one per micro-batch
+    ends = [c["step"] for c in cb.history[1:]] + [len(batches)]
+    for change, end in zip(cb.history, ends):  # "step": steps done when it was decided
+        # it acts within an epoch (+ the loader's prefetch), unless the next change is first
+        window = batches[change["step"]: min(end, change["step"] + steps_per_epoch + 2)]
+        assert change["batch_size"] in window or end < change["step"] + steps_per_epoch, (
+            change, window)
+    assert batches[-6:] == [16, 16, 8] * 2  # 40 samples an epoch: 16 + 16 + a short 8
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("adabatch/batch_size")]
+    assert len(logged) == len(rec.rows)
+    for row, step in zip(logged, rec.rows):
+        micro, acc = float(row["adabatch/micro_batch"]), float(row["adabatch/accumulation"])
+        assert micro * acc == step["batch"] == float(row["adabatch/batch_size"]), (row, step)

@@ -27,7 +27,13 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from adabatch.control.apply import OptimizerScaler
 from adabatch.control.policy import BatchSizeDecider, Observation, make_policy
-from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
+from adabatch.control.resize import (
+    Split,
+    can_change_accumulation,
+    check_layout_unchanged,
+    refuse_other_layout_writers,
+    split_global_batch,
+)
 from adabatch.control.restart import repair_epoch_end_restart
 from adabatch.control.rules import adascale_gain
 from adabatch.noise.estimator import GNSEstimator
@@ -285,6 +291,7 @@ class AdaptiveBatchSize(Callback):
                     f"resize={self.resize!r} uses a ResizableBatchSampler without one. Use an "
                     "int or 1.0."
                 )
+        refuse_other_layout_writers(trainer)
         self._reset_run_state()  # load_state_dict, on resume, comes after setup
         self._world = trainer.world_size
         self._estimator = GNSEstimator(self.half_life_samples)
@@ -430,6 +437,8 @@ class AdaptiveBatchSize(Callback):
         self._pending = None if pending is None else Split(*pending)
         if self._split is not None:
             trainer.accumulate_grad_batches = self._split.accumulation
+            if self._sampler is not None and self._sampler.batch_size != self._split.micro:
+                self._sampler.set_batch_size(self._split.micro)  # a loader Lightning can't restore
 
     def _build_policy(self) -> None:
         """Bounds and policy from the run's *starting* batch (restored on resume, since the
@@ -656,6 +665,9 @@ class AdaptiveBatchSize(Callback):
         )
 
     def _apply_pending(self, trainer: Any, epoch_start: bool = False) -> None:
+        if self._split is not None:
+            sampler = self._sampler if self.resize != "accumulate" else None
+            check_layout_unchanged(trainer, self._split, sampler)  # one owner of the layout
         pending = self._pending
         if pending is None or self._split is None:
             return
