@@ -124,6 +124,7 @@ def fit(
     kill: tuple[int, str] | None = None,
     callback: AdaptiveBatchSize | None = None,
     journal: Path | None = None,
+    **trainer_kwargs: Any,
 ) -> tuple[ScheduledModel, AdaptiveBatchSize, Recorder]:
     """Train from scratch or from ``ckpt_path``; ``save`` writes a checkpoint after every step
     (``s<step>.ckpt``) and at every epoch end (``e<step>.ckpt``)."""
@@ -149,7 +150,8 @@ def fit(
                             auto_insert_metric_name=False),
         ]
     trainer(root, callbacks, max_epochs=max_epochs, max_steps=max_steps,
-            accumulate_grad_batches=accumulation, enable_checkpointing=save).fit(
+            accumulate_grad_batches=accumulation, enable_checkpointing=save,
+            **trainer_kwargs).fit(
         model, data, ckpt_path=ckpt_path)
     return model, callback, rec
 

@@ -57,3 +57,37 @@ def test_resume_from_any_checkpoint_is_exact(tmp_path, mode, accumulation, limit
         step = checkpoint_step(path)
         resumed = fit(tmp_path / path.stem, ckpt_path=str(path), **kwargs)
         _assert_same(full, resumed, step, path.name)
+
+
+def _ddp(out, mode, ckpt=None):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
+    args = [sys.executable, str(here / "scripts" / "ddp_resume.py"), str(out), mode]
+    proc = subprocess.run(args + ([str(ckpt)] if ckpt else []), capture_output=True, text=True,
+                          timeout=240, env=env, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_resume_from_an_epochs_last_batch_is_exact(tmp_path):
+    """2 gloo ranks, accumulate mode: resumed from the checkpoint at epoch 0's last batch
+    (the case Lightning numbers on from the old batch_idx), both ranks equal the full run."""
+    (tmp_path / "full").mkdir()
+    full = _ddp(tmp_path / "full", "accumulate")
+    rows = full[0]["rows"]
+    assert full[0]["weight"] == full[1]["weight"] and len(full[0]["history"]) >= 1
+    last = next(r["step"] + 1 for r, nxt in zip(rows, rows[1:]) if nxt["epoch"] != r["epoch"])
+    (tmp_path / "resumed").mkdir()
+    ckpt = tmp_path / "full" / "ckpt" / f"s{last}.ckpt"
+    resumed = _ddp(tmp_path / "resumed", "accumulate", ckpt)
+    for rank in (0, 1):  # rows are per rank (each its own shard)
+        assert resumed[rank]["rows"] == full[rank]["rows"][last:]
+        assert resumed[rank]["weight"] == full[0]["weight"]
+        assert resumed[rank]["history"] == full[0]["history"]
