@@ -23,7 +23,11 @@ How Lightning 2.6 treats them (read in ``lightning/pytorch`` 2.6.6 and checked b
   epoch: its iterator already exists. From a checkpoint saved at an epoch's end
   (``FitLoop`` restart stage ``RESUMED_ON_EPOCH_END``, where ``restarting`` is False) Lightning
   restores no loader state at all and calls ``set_epoch`` after creating the iterator; see
-  `ResizableBatchSampler.set_epoch` for what the sampler does then.
+  `ResizableBatchSampler.set_epoch` for what the sampler does then. It also numbers the next
+  epoch's batches on from the old ``batch_idx`` after a checkpoint at an epoch's last batch
+  (shifting accumulation windows). `adabatch.control.restart.repair_epoch_end_restart` (run by
+  `AdaptiveBatchSize`, or `adabatch.control.restart.ExactEpochResume` without it) makes both
+  exact.
 - Prefetch: with no length Lightning's ``_PrefetchDataFetcher`` holds one batch ahead (to know
   which batch is the last), on top of the DataLoader's own ``prefetch_factor x num_workers``.
 - DDP: with ``Trainer(use_distributed_sampler=True)`` (the default) Lightning re-creates a batch
