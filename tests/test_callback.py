@@ -89,6 +89,7 @@ def test_noise_policy_settles_at_c_times_the_exact_noise_scale(tmp_path):
     cb = AdaptiveBatchSize(
         noise="per_example", policy="noise", resize="sampler", noise_scale_factor=c,
         half_life_samples=4_000, hysteresis=0.05, min_batch_size=4, max_batch_size=512,
+        confidence=0.0,  # c * B_noise itself: the lower bound (z = 2) settles below it
     )
     trainer(tmp_path, [cb], max_epochs=1, max_steps=-1).fit(model, data)
     assert cb.estimator.gns == pytest.approx(exact, rel=0.1)
