@@ -16,6 +16,7 @@ their state. See ARCHITECTURE.md for the data flow. Per optimizer step:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Any, Literal
@@ -30,11 +31,19 @@ from adabatch import validation as check
 from adabatch.branch import BranchRunner
 from adabatch.control.apply import OptimizerScaler
 from adabatch.control.policy import BatchBounds, CriticalBatchPolicy, Observation, Policy
-from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
+from adabatch.control.resize import (
+    Split,
+    can_change_accumulation,
+    check_layout_unchanged,
+    refuse_other_layout_writers,
+    split_global_batch,
+)
+from adabatch.control.restart import repair_epoch_end_restart
 from adabatch.control.rules import ScalingRules, adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.state import STATE_VERSION, validate_state
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
@@ -42,7 +51,6 @@ ResizeMode = Literal["auto", "accumulate", "sampler"]
 _MIN_EFFECTIVE_STEPS = 8.0
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
-_STATE_VERSION = 2
 
 
 class AdaptiveBatchSize(Callback):
@@ -185,7 +193,7 @@ class AdaptiveBatchSize(Callback):
         if not self.enabled:
             return {}
         state: dict[str, Any] = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "samples": self.samples,
             "steps": self.steps,
             "history": list(self.history),
@@ -209,11 +217,22 @@ class AdaptiveBatchSize(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.enabled or not state_dict:
             return
-        # Applied in on_train_start: the trainer, optimizer and loader exist only then.
-        self._restored = dict(state_dict)
-        self.samples = int(state_dict.get("samples", 0))
-        self.steps = int(state_dict.get("steps", 0))
-        self.history = list(state_dict.get("history", []))
+        # Checked whole before any of it is kept (adabatch/state.py): a bad field is refused
+        # here, naming it, never half-applied. Applied in on_train_start: the trainer,
+        # optimizer and loader exist only then.
+        state = validate_state(state_dict)
+        # The policy's and the probe's own fields: checked on throw-away copies now, so a
+        # bad one is refused here too (they are applied in on_train_start).
+        if "policy" in state:
+            trial = copy.deepcopy(self.policy)
+            trial.bind(BatchBounds(1, 1 << 40))
+            trial.load_state_dict(state["policy"])
+        if "branch" in state and self.policy.probe is not None:
+            BranchRunner(self.policy.probe).load_state_dict(state["branch"])
+        self._restored = state
+        self.samples = state["samples"]
+        self.steps = state["steps"]
+        self.history = state["history"]
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -233,6 +252,7 @@ class AdaptiveBatchSize(Callback):
                     f"resize={self.resize!r} uses a ResizableBatchSampler without one. Use an "
                     "int or 1.0."
                 )
+        refuse_other_layout_writers(trainer)
         self._reset_run_state()  # load_state_dict, on resume, comes after setup
         self._world = trainer.world_size
         self._estimator = GNSEstimator(self.half_life_samples)
@@ -272,6 +292,7 @@ class AdaptiveBatchSize(Callback):
             )
         self._wrap_optimizer_step(trainer)
         self._attach_probe(pl_module)
+        repair_epoch_end_restart(trainer)  # before the epoch loop starts (control/restart.py)
         if self._restored is not None:
             self._apply_restored(trainer)
         self._t_last = None
@@ -358,11 +379,23 @@ class AdaptiveBatchSize(Callback):
         self._start = state.get("start")
         if self._start is None and self._micro0 is not None:  # a checkpoint from before 0.1
             self._start = self._micro0 * self._world
-        self._ref = state.get("ref_batch_size", self._ref)
+        saved_ref = state.get("ref_batch_size")
+        if self.ref_batch_size is None:
+            self._ref = saved_ref if saved_ref is not None else self._ref
+        elif saved_ref is not None and saved_ref != self.ref_batch_size:
+            # The constructor's explicit value wins: it is the user's current statement of
+            # where the hyperparameters were tuned (the LR then changes at the resume).
+            rank_zero_warn(
+                f"adabatch: ref_batch_size={self.ref_batch_size} differs from the checkpoint's "
+                f"{saved_ref}; using {self.ref_batch_size}: the scaled hyperparameters change "
+                "from the resumed step on"
+            )
         if self._micro0 is not None and self._start is not None:
             self._build_policy()
         if self._bound and "policy" in state:
             self.policy.load_state_dict(state["policy"])
+        elif self._bound and "decider" in state:  # a version-1 checkpoint
+            self.policy.load_state_dict({"decider": state["decider"]})
         if self._branch is not None and "branch" in state:
             self._branch.load_state_dict(state["branch"])
         self._target = state.get("target")
@@ -372,6 +405,8 @@ class AdaptiveBatchSize(Callback):
         self._pending = None if pending is None else Split(*pending)
         if self._split is not None:
             trainer.accumulate_grad_batches = self._split.accumulation
+            if self._sampler is not None and self._sampler.batch_size != self._split.micro:
+                self._sampler.set_batch_size(self._split.micro)  # a loader Lightning can't restore
 
     def _build_policy(self) -> None:
         """Bounds from the run's *starting* batch (restored on resume, since the layout in
@@ -441,6 +476,9 @@ class AdaptiveBatchSize(Callback):
         stats = self._measure(trainer, pl_module)
         self._step_stats = stats
         batch = int(stats["samples"])
+        # Counted here, not in on_train_batch_end: Lightning steps a step-interval LR scheduler
+        # between the two, and a schedule reading ``samples`` must see this step's samples.
+        self.samples += batch
         self._notify_ema(trainer, batch)
         accepted = False
         if stats["b"] < batch:
@@ -527,7 +565,12 @@ class AdaptiveBatchSize(Callback):
         stats, self._step_stats = self._step_stats, None
         self._new_step = True
         batch_size = int(stats["samples"])
-        self.samples += batch_size
+        # The layout this step ran with (logged), before a decision changes the trainer's: the
+        # micro-batch it read and the micro-batches in its window (a short last one included).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        stats["micro"] = float(extract_batch_size(batch))
+        stats["accumulation"] = float(done % trainer.accumulate_grad_batches
+                                      or trainer.accumulate_grad_batches)
         self.steps += 1
         if self._sampler is not None:
             self._sampler.advance(batch_size)
@@ -648,10 +691,10 @@ class AdaptiveBatchSize(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.enabled:
-            # Lightning calls this hook again when a run resumes mid-epoch: only a real epoch
-            # start (no batch done yet) is an aligned boundary.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            self._apply_pending(trainer, epoch_start=done == 0)
+            # Always a real epoch start: Lightning 2.6 skips this hook when it resumes mid-epoch
+            # (and repair_epoch_end_restart turns an epoch-end resume into a plain start). Do not
+            # read batch_progress here: the epoch loop resets it only after this hook.
+            self._apply_pending(trainer, epoch_start=True)
         self._t_last = None
 
     def _decide(self, obs: Observation) -> None:
@@ -673,6 +716,9 @@ class AdaptiveBatchSize(Callback):
         )
 
     def _apply_pending(self, trainer: Any, epoch_start: bool = False) -> None:
+        if self._split is not None:
+            sampler = self._sampler if self.resize != "accumulate" else None
+            check_layout_unchanged(trainer, self._split, sampler)  # one owner of the layout
         pending = self._pending
         if pending is None or self._split is None:
             return
@@ -704,8 +750,8 @@ class AdaptiveBatchSize(Callback):
         metrics = {
             "adabatch/batch_size": float(stats["samples"]),
             "adabatch/target_batch_size": float(self._target or stats["samples"]),
-            "adabatch/micro_batch": float(self._split.micro),
-            "adabatch/accumulation": float(self._split.accumulation),
+            "adabatch/micro_batch": stats.get("micro", float(self._split.micro)),
+            "adabatch/accumulation": stats.get("accumulation", float(self._split.accumulation)),
             "adabatch/lr_factor": stats.get("lr_factor", 1.0),
             "adabatch/samples": float(self.samples),
         }
