@@ -22,6 +22,7 @@ from lit_helpers import SamplerData, trainer
 
 from adabatch import AdaptiveBatchSize
 from adabatch.control.policy import RampPolicy
+from adabatch.control.rules import ScalingRules
 from adabatch.control.schedules import SampleSchedule, sample_lambda_lr
 from adabatch.tasks.synthetic import LeastSquaresModel
 
@@ -32,7 +33,9 @@ NUM_SAMPLES = 44
 def ramp_callback(start: int, end: int, ramp_samples: int, **kwargs: Any) -> AdaptiveBatchSize:
     """The ramp policy from ``start`` to ``end`` over ``ramp_samples``: the one place that
     knows how the callback's constructor spells it."""
-    return AdaptiveBatchSize(policy=RampPolicy(ramp_samples=ramp_samples),
+    # The mechanics under test are resizing and state: no loss guard, the plain kappa rules.
+    kwargs.setdefault("rules", ScalingRules(lr="kappa"))
+    return AdaptiveBatchSize(policy=RampPolicy(ramp_samples=ramp_samples, spike_factor=None),
                              min_batch_size=start, max_batch_size=end, **kwargs)
 
 
