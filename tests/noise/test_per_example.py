@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_oracles import loop_sq_norms, vmap_sq_norms
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -623,3 +624,112 @@ def test_deepcopy_while_attached_gives_an_independent_plain_model():
     expected = MLPSeq().to(F64)
     expected.load_state_dict(twin.state_dict())
     torch.testing.assert_close(twin(x), expected(x))
+
+
+# ------------------------------------------------------------------------------ layouts
+def probe_at(model, loss_fn, x, y, bdim, batch_size):
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    with PerExampleGradNorms(model, **kw) as probe:
+        out = model(x)
+        loss_fn(out.movedim(bdim, 0), y.movedim(bdim, 0)).mean().backward()
+    return probe
+
+
+class SeqFirstLM(nn.Module):
+    """Embedding, a Linear and a head on [T, B] ids: no module here has a batch_first."""
+
+    def __init__(self, vocab=7, d=6):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(self.ln(torch.tanh(self.fc(self.tok(ids)))))
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_sequence_first_transformer_layer_with_T_equal_B_is_exact(batch_size):
+    # T == B == 4: before the layout hint, the layer's Linears and LayerNorms took dim 0 (T)
+    # as the batch and the norms were off by tens of percent with nothing reported.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0).to(F64)
+    x, y = torch.randn(4, 4, 6, dtype=F64), torch.randn(4, 4, 6, dtype=F64)
+    probe = probe_at(layer, _mse, x, y, 1, batch_size)
+    assert probe.uncovered == [], probe.uncovered_reasons
+    expected = vmap_sq_norms(layer, _mse, x, y, 1)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def test_sequence_first_model_with_T_unequal_B_is_exact_when_told_the_batch_size():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))  # [T=5, B=3]
+    probe = probe_at(model, _lm_loss_bf, ids, y, 1, batch_size=3)
+    assert probe.uncovered == [], probe.uncovered_reasons
+    expected = vmap_sq_norms(model, _lm_loss_bf, ids, y, 1)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def test_sequence_first_model_with_T_equal_B_is_refused_not_guessed():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    ids, y = torch.randint(0, 7, (4, 4)), torch.randint(0, 7, (4, 4))
+    probe = probe_at(model, _lm_loss_bf, ids, y, 1, batch_size=4)
+    names = [n for n, _ in model.named_parameters()]
+    assert probe.uncovered == names and probe.covered == []
+    assert "ambiguous layout" in probe.uncovered_reasons["fc.weight"]
+    assert probe.sq_norms.numel() == 0
+
+
+def test_layout_learned_on_an_unambiguous_pass_resolves_a_later_T_equal_B():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    probe = PerExampleGradNorms(model).attach()
+    for T, B in ((5, 3), (4, 4)):
+        ids, y = torch.randint(0, 7, (T, B)), torch.randint(0, 7, (T, B))
+        probe.batch_size = B
+        _lm_loss_bf(model(ids).transpose(0, 1), y.transpose(0, 1)).mean().backward()
+        got = probe.sq_norms
+        probe.reset()
+        assert probe.uncovered == [], probe.uncovered_reasons
+        torch.testing.assert_close(got, vmap_sq_norms(model, _lm_loss_bf, ids, y, 1), rtol=RTOL,
+                                   atol=0)
+    probe.detach()
+
+
+def test_no_dim_of_the_batch_size_is_refused_per_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(6, 3, dtype=F64)
+    with PerExampleGradNorms(model, batch_size=5) as probe:  # told the wrong size
+        model(x).square().mean().backward()
+    assert probe.covered == [] and "batch size 5" in probe.uncovered_reasons["0.weight"]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        probe.batch_size = 0
+
+
+def test_gru_sequence_first_head_exact_and_rnn_uncovered():
+    torch.manual_seed(0)
+
+    class GRUHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = GRUHead().to(F64)
+    x, y = torch.randn(5, 3, 3, dtype=F64), torch.randn(5, 3, 2, dtype=F64)
+    probe = probe_at(model, _mse, x, y, 1, batch_size=3)
+    assert probe.covered == ["head.weight", "head.bias"]
+    assert all("unsupported module type GRU" in r for r in probe.uncovered_reasons.values())
+    expected = loop_sq_norms(model, _mse, x, y, 1, probe.covered)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def _lm_loss_bf(logits, y):
+    """``_lm_loss`` on batch-first logits [B, T, V] and targets [B, T]."""
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)

@@ -57,7 +57,7 @@ class _MultiheadAttentionRule(_Rule):
     def refuse(self, module):
         return super().refuse(module) or self.refuse_call(module)
 
-    def capture(self, module, args, kwargs):
+    def capture(self, module, args, kwargs, where):
         bound = self._signature.bind(module, *args, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
@@ -66,14 +66,14 @@ class _MultiheadAttentionRule(_Rule):
         for name in ("query", "key", "value"):
             if not isinstance(a[name], Tensor) or a[name].dim() != 3:
                 raise _Refused(f"unbatched {name} of shape {tuple(a[name].shape)}: no batch dim")
-        B = a["query"].shape[bdim]
+        B = a["query"].shape[where.require(a["query"].shape[:2], bdim, "query")]
         # Self-attention (one tensor as query, key and value): in_proj is then one [3E, E]
         # linear map of one input, so its three row blocks share one Gram matrix.
         a["_self_attention"] = a["query"] is a["key"] and a["key"] is a["value"]
         mask = a["attn_mask"]
         if isinstance(mask, Tensor) and mask.dim() == 3:
             a["attn_mask"] = mask.reshape(B, module.num_heads, *mask.shape[1:])
-        return a, B
+        return a, B, 0  # (the rule reads both layouts itself)
 
     def compute(self, unit, calls, probe):
         return self._compute_decomposed(unit, calls, probe)

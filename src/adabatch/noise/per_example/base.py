@@ -65,6 +65,7 @@ class _Call:
     versions: list[tuple[Tensor, int]]
     out_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
     out_index: list[int]
+    out_bdim: int = 0  # batch dim of the outputs (gradients are moved to dim 0)
     grads: list[Tensor | None] = field(default_factory=list)
     grad_versions: list[int] = field(default_factory=list)
     factor: float = 1.0
@@ -108,8 +109,11 @@ class _Rule:
         """A reason this call (in the module's current mode) cannot be handled, or None."""
         return None
 
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, int]:
-        """Tensors to keep (detached) and the batch size; raises `_Refused`."""
+    def capture(
+        self, module: nn.Module, args: tuple, kwargs: dict, where: _Where
+    ) -> tuple[dict, int, int]:
+        """Tensors to keep (detached, batch moved to dim 0), the batch size, and the batch dim
+        of the module's outputs (their gradients are moved the same way); raises `_Refused`."""
         raise NotImplementedError
 
     def compute(
@@ -119,11 +123,70 @@ class _Rule:
         raise NotImplementedError
 
 
+@dataclass(eq=False)
+class _Where:
+    """What a rule needs to find the batch dim of one call.
+
+    ``batch_size``: the step's micro-batch size, if the caller told the probe; ``hint``: the
+    batch dim implied by a ``batch_first`` flag (the module's own, or that of the stock
+    ``nn.Transformer*`` module it sits in); ``memo``: the dim resolved for this (module, call
+    index) on an earlier, unambiguous pass.
+    """
+
+    batch_size: int | None
+    hint: int | None
+    memo: dict[int, int]
+    index: int
+
+    def pick(self, lead: tuple[int, ...] | torch.Size, what: str = "input") -> int:
+        """The batch dim among the leading dims ``lead`` of a captured tensor; `_Refused` if
+        no dim, or more than one with nothing to tell them apart, can be the batch."""
+        lead = tuple(lead)
+        if not lead:
+            raise _Refused(f"unbatched {what}: no batch dim")
+        n = self.batch_size
+        if self.hint is not None:
+            if self.hint >= len(lead):
+                raise _Refused(f"{what} of leading shape {lead} has no batch dim {self.hint}")
+            if n is not None and lead[self.hint] != n:
+                raise _Refused(
+                    f"{what} of leading shape {lead}: dim {self.hint} (from batch_first) has "
+                    f"size {lead[self.hint]}, not the batch size {n}"
+                )
+            return self.hint
+        if n is None:
+            return 0  # not told the batch size: the documented contract, dim 0
+        dims = [d for d, size in enumerate(lead) if size == n]
+        if len(dims) == 1:
+            self.memo[self.index] = dims[0]
+            return dims[0]
+        if not dims:
+            raise _Refused(f"no leading dim of the {what} {lead} has the batch size {n}")
+        known = self.memo.get(self.index)
+        if known in dims:
+            return known
+        raise _Refused(
+            f"ambiguous layout: dims {dims} of the {what} {lead} all have the batch size {n} "
+            "and no batch_first attribute tells them apart"
+        )
+
+    def require(self, lead: tuple[int, ...] | torch.Size, dim: int, what: str = "input") -> int:
+        """A layout with a fixed batch dim: check its size against the known batch size."""
+        lead = tuple(lead)
+        if len(lead) <= dim:
+            raise _Refused(f"unbatched {what} of leading shape {lead}: no batch dim")
+        if self.batch_size is not None and lead[dim] != self.batch_size:
+            raise _Refused(
+                f"{what} of leading shape {lead}: dim {dim} has size {lead[dim]}, not the "
+                f"batch size {self.batch_size}"
+            )
+        return dim
+
+
 def _proj_dense(vecs: tuple[Tensor, Tensor], total: Tensor) -> Tensor:
     """``u^T M v`` with M the [n0, rest] view of a dense summed gradient."""
     u, v = vecs
     return u @ total.reshape(u.shape[0], -1).to(u.dtype) @ v
-
 
 
 @dataclass(eq=False)
@@ -139,4 +202,6 @@ class _Unit:
     handles: list[Any] = field(default_factory=list)
     broken: bool = False
     patched: bool = False  # forward replaced by the simultaneous Linear
+    hint: int | None = None  # batch dim from an enclosing stock nn.Transformer* module
+    memo: dict[int, int] = field(default_factory=dict)  # call index -> resolved batch dim
 

@@ -44,11 +44,12 @@ class _ConvRule(_Rule):
     kind = "conv"
     stock = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    def capture(self, module, args, kwargs):
+    def capture(self, module, args, kwargs, where):
         x = _first_arg(args, kwargs, "input")
         if x.dim() != module.weight.dim():
             raise _Refused(f"unbatched input of shape {tuple(x.shape)}: no batch dim")
-        return {"x": x}, x.shape[0]
+        where.require(x.shape[:1], 0)  # [N, C, *spatial]: the batch is dim 0
+        return {"x": x}, x.shape[0], 0
 
     def compute(self, unit, calls, probe):
         m = unit.module

@@ -20,11 +20,12 @@ class _EmbeddingRule(_Rule):
             )
         return super().refuse(module)
 
-    def capture(self, module, args, kwargs):
+    def capture(self, module, args, kwargs, where):
         ids = _first_arg(args, kwargs, "input")
         if ids.dim() < 1:
             raise _Refused("a 0-dim index has no batch dim")
-        return {"ids": ids}, ids.shape[0]
+        d = where.pick(ids.shape, "indices")
+        return {"ids": ids.movedim(d, 0)}, ids.shape[d], d
 
     def compute(self, unit, calls, probe):
         m = unit.module

@@ -34,11 +34,12 @@ class _LinearRule(_Rule):
     kind = "linear"
     stock = (nn.Linear,)
 
-    def capture(self, module, args, kwargs):
+    def capture(self, module, args, kwargs, where):
         x = _first_arg(args, kwargs, "input")
         if x.dim() < 2:
             raise _Refused(f"unbatched input of shape {tuple(x.shape)}: no batch dim")
-        return {"x": x}, x.shape[0]
+        d = where.pick(x.shape[:-1])
+        return {"x": x.movedim(d, 0)}, x.shape[d], d
 
     def compute(self, unit, calls, probe):
         m = unit.module

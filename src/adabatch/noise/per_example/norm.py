@@ -29,12 +29,15 @@ class _NormRule(_Rule):
     kind = "norm"
     stock = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
-    def capture(self, module, args, kwargs):
+    def capture(self, module, args, kwargs, where):
         x = _first_arg(args, kwargs, "input")
         lead = 1 if isinstance(module, nn.GroupNorm) else len(module.normalized_shape)
         if x.dim() <= lead:
             raise _Refused(f"unbatched input of shape {tuple(x.shape)}: no batch dim")
-        return {"x": x}, x.shape[0]
+        if isinstance(module, nn.GroupNorm):  # [N, C, *]: the batch is dim 0
+            return {"x": x}, x.shape[where.require(x.shape[:1], 0)], 0
+        d = where.pick(x.shape[:-lead])
+        return {"x": x.movedim(d, 0)}, x.shape[d], d
 
     @staticmethod
     def xhat_and_layout(m: nn.Module, x: Tensor, g: Tensor, dt: torch.dtype):

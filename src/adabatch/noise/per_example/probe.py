@@ -25,6 +25,7 @@ from adabatch.noise.per_example.base import (
     _Refused,
     _Rule,
     _Unit,
+    _Where,
 )
 from adabatch.noise.per_example.conv import _ConvRule
 from adabatch.noise.per_example.embedding import _EmbeddingRule
@@ -48,6 +49,34 @@ _RULES: list[_Rule] = [
 ]
 
 
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def _batch_first_of(m: nn.Module) -> bool | None:
+    """The layout a stock nn.Transformer* module passes to its submodules, or None."""
+    for base in (*_TRANSFORMER_LAYERS, *_TRANSFORMER_STACKS, nn.Transformer):
+        if isinstance(m, base):
+            if type(m).forward is not base.forward or "forward" in m.__dict__:
+                return None  # a user forward may transpose: no hint
+            if isinstance(m, _TRANSFORMER_LAYERS):
+                return m.self_attn.batch_first
+            if isinstance(m, _TRANSFORMER_STACKS):
+                return m.layers[0].self_attn.batch_first if len(m.layers) else None
+            return m.batch_first
+    return None
+
+
+def _layout_hint(model: nn.Module, name: str) -> int | None:
+    """Batch dim of the module ``name`` from its nearest enclosing stock nn.Transformer*."""
+    parts = name.split(".") if name else []
+    for k in range(len(parts) - 1, -1, -1):
+        bf = _batch_first_of(model.get_submodule(".".join(parts[:k])))
+        if bf is not None:
+            return 0 if bf else 1
+    return None
+
+
 def _rule_for(module: nn.Module) -> _Rule | None:
     for rule in _RULES:
         if isinstance(module, rule.stock):
@@ -65,15 +94,17 @@ class PerExampleGradNorms:
     per-example loss units. Supported layers, their cost and what is refused are described in
     the module docstring; ``covered``/``uncovered`` say which parameters are in the sum.
 
-    Capture contract: dim 0 of every captured tensor is the batch (``nn.MultiheadAttention``:
-    dim 1 unless ``batch_first``). A module called several times in one forward is exact (its
-    calls are concatenated along T). Each forward that follows a backward starts a new pass;
-    passes are concatenated in ``sq_norms``. Read ``sq_norms`` and call ``reset()`` after a
-    backward, not between a forward and its backward. Coverage is decided by ``attach()``:
-    re-attach after changing ``requires_grad``. Memory: inputs of supported modules are held
-    from their forward until their output-gradient arrives (autograd holds most of them
-    anyway); a module with an output that never receives a gradient (e.g. unused attention
-    weights) is finalised lazily, at its next forward or when ``sq_norms`` is read.
+    Batch dim: with ``batch_size`` set, each call's batch dim is found from its shape (see
+    ``batch_size``); unset, dim 0 of every captured tensor is the batch (``batch_first`` for
+    ``nn.MultiheadAttention`` and inside stock ``nn.Transformer*`` modules). A module called
+    several times in one forward is exact (its calls are concatenated along T). Each forward
+    that follows a backward starts a new pass; passes are concatenated in ``sq_norms``. Read
+    ``sq_norms`` and call ``reset()`` after a backward, not between a forward and its backward.
+    Coverage is decided by ``attach()``: re-attach after changing ``requires_grad``. Memory:
+    inputs of supported modules are held from their forward until their output-gradient arrives
+    (autograd holds most of them anyway); a module with an output that never receives a gradient
+    (e.g. unused attention weights) is finalised lazily, at its next forward or when
+    ``sq_norms`` is read.
 
     Args:
         model: the module whose parameters are measured.
@@ -92,8 +123,10 @@ class PerExampleGradNorms:
         verify_every: spacing of the checked passes.
         max_chunk_elems: bound on the elements of per-chunk temporaries.
         grad_scale: initial value of the ``grad_scale`` attribute.
+        batch_size: initial value of the ``batch_size`` attribute.
 
     Attributes:
+        batch_size: the coming forward's micro-batch size (see the property), or None.
         grad_scale: factor the loss carried beyond the plain reduction, read when each
             output-gradient arrives: ``1/k`` under Lightning's accumulation over k batches,
             ``S`` under an AMP loss scale S. Norms are divided by ``grad_scale**2``.
@@ -128,6 +161,7 @@ class PerExampleGradNorms:
         verify_every: int = 64,
         max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         grad_scale: float = 1.0,
+        batch_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,6 +183,7 @@ class PerExampleGradNorms:
         self.verify_every = verify_every
         self.max_chunk_elems = max_chunk_elems
         self.grad_scale = grad_scale
+        self.batch_size = batch_size
         self._attached = False
         self._computing = False
         self._verify_now = self._check_now = self._saw_grad = False
@@ -178,6 +213,28 @@ class PerExampleGradNorms:
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"grad_scale={value!r} must be a positive finite number")
         self._grad_scale = scale
+
+    @property
+    def batch_size(self) -> int | None:
+        """The micro-batch size of the coming forward, or None (then dim 0 is the batch).
+
+        Set it before each forward (the callback sets ``extract_batch_size(batch)`` per
+        micro-batch): each call's batch dim is then the one leading dim of that size, so
+        sequence-first tensors ([T, B, ...]) are measured exactly. Where several dims have that
+        size (T == B), the ``batch_first`` flag of the module (``nn.MultiheadAttention``) or of
+        the stock ``nn.Transformer*`` module it sits in decides, or the dim resolved on an
+        earlier pass; otherwise the module's parameters are refused (``uncovered_reasons``),
+        never guessed.
+        """
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"batch_size={value!r} must be None or an int >= 1")
+        self._batch_size = value
 
     @property
     def covered(self) -> list[str]:
@@ -333,7 +390,7 @@ class PerExampleGradNorms:
                     mine[lname] = p
             if mine:
                 assert rule is not None
-                self._units.append(_Unit(mname, m, rule, mine))
+                self._units.append(_Unit(mname, m, rule, mine, hint=_layout_hint(model, mname)))
                 covered.extend(id(p) for p in mine.values())
         self._covered_ids = [pid for pid in covered if pid not in self._static_reasons]
 
@@ -385,7 +442,8 @@ class PerExampleGradNorms:
             reason = unit.rule.refuse_call(module)
             if reason is not None:
                 raise _Refused(reason)
-            captured, batch = unit.rule.capture(module, args, kwargs)
+            where = _Where(self._batch_size, unit.hint, unit.memo, len(unit.calls))
+            captured, batch, out_bdim = unit.rule.capture(module, args, kwargs, where)
         except _Refused as exc:
             self._break(unit, str(exc))
             return
@@ -398,6 +456,7 @@ class PerExampleGradNorms:
             versions=versions,
             out_meta=[(outs[j].shape, outs[j].dtype, outs[j].device) for j in index],
             out_index=index,
+            out_bdim=out_bdim,
             grads=[None] * len(index),
             grad_versions=[0] * len(index),
             check=self._check_now,
@@ -424,6 +483,7 @@ class PerExampleGradNorms:
             and input.shape[0] > 0
             and not _inside_func_transform()
             and not _inside_backward()
+            and self._batch_dim_is_0(unit, input)
             and _simultaneous_pays(
                 input.numel() // (input.shape[0] * w.shape[1]), w.shape[1], w.shape[0]
             )
@@ -434,6 +494,14 @@ class PerExampleGradNorms:
             self._fused_sinks[id(module)] = sink  # the forward hook picks it up
             return out.view(*input.shape[:-1], w.shape[0])
         return F.linear(input, w, module.bias)
+
+    def _batch_dim_is_0(self, unit: _Unit, input: Tensor) -> bool:
+        """Whether the batch of this Linear call is dim 0 (the simultaneous path's layout)."""
+        where = _Where(self._batch_size, unit.hint, dict(unit.memo), len(unit.calls))
+        try:
+            return where.pick(input.shape[:-1]) == 0
+        except _Refused:
+            return False  # the forward hook refuses it with the reason
 
     def _on_simultaneous_grad(
         self, unit: _Unit, call: _Call, g: Tensor, sq: Tensor | None, dw: Tensor | None
@@ -532,7 +600,9 @@ class PerExampleGradNorms:
             verify = False
         for c in calls:
             c.grads = [
-                g if g is not None else torch.zeros(shape, dtype=dt, device=dev)
+                (g if g is not None else torch.zeros(shape, dtype=dt, device=dev)).movedim(
+                    c.out_bdim, 0
+                )
                 for g, (shape, dt, dev) in zip(c.grads, c.out_meta)
             ]
         low = any(
