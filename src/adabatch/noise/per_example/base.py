@@ -204,4 +204,5 @@ class _Unit:
     patched: bool = False  # forward replaced by the simultaneous Linear
     hint: int | None = None  # batch dim from an enclosing stock nn.Transformer* module
     memo: dict[int, int] = field(default_factory=dict)  # call index -> resolved batch dim
+    last_pass: int | None = None  # the pass of the module's last forward with grad
 

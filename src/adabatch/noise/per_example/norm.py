@@ -1,4 +1,4 @@
-"""nn.LayerNorm, nn.RMSNorm, nn.GroupNorm: ``|sum_t xhat_t g_t|^2`` and ``|sum_t g_t|^2``.
+"""LayerNorm, RMSNorm, GroupNorm, eval-mode BatchNorm: ``|sum_t xhat_t g_t|^2``, ``|sum_t g_t|^2``.
 
 ``xhat`` is recomputed from the captured input with the module's eps (one extra
 normalisation, ~T*d): cheaper than holding a second copy of the activations.
@@ -80,3 +80,57 @@ class _NormRule(_Rule):
             out["bias"] = (b_sq, proj)
         return out
 
+
+
+def _uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether this BatchNorm normalises with the batch's statistics (as its forward decides)."""
+    return m.training or (m.running_mean is None and m.running_var is None)
+
+
+class _BatchNormRule(_Rule):
+    """BatchNorm with running statistics (eval mode): a per-example affine map.
+
+    ``xhat = (x - running_mean) / sqrt(running_var + eps)`` per channel, then the norm rule.
+    In batch-statistics mode (train mode) a BatchNorm couples the examples of a batch; the
+    probe detects that separately and marks every parameter uncovered (see ``coupled``).
+    """
+
+    kind = "batch_norm"
+    stock = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+    def refuse_call(self, module):
+        if _uses_batch_stats(module):
+            return "normalises with batch statistics (train mode): examples are coupled"
+        return None
+
+    def capture(self, module, args, kwargs, where):
+        x = _first_arg(args, kwargs, "input")
+        if x.dim() < 2:
+            raise _Refused(f"unbatched input of shape {tuple(x.shape)}: no batch dim")
+        return {"x": x}, x.shape[where.require(x.shape[:1], 0)], 0
+
+    def compute(self, unit, calls, probe):
+        m = unit.module
+        dt = _acc_dtype(*(c.captured["x"] for c in calls), *(c.grads[0] for c in calls))
+        xs, gs = [], []
+        for c in calls:
+            x, g = c.captured["x"].to(dt), c.grads[0].to(dt)
+            B, C = x.shape[:2]
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            mean = m.running_mean.to(dt).view(shape)
+            inv = torch.rsqrt(m.running_var.to(dt) + m.eps).view(shape)
+            xs.append(((x - mean) * inv).reshape(B, C, -1).transpose(1, 2))
+            gs.append(g.reshape(B, C, -1).transpose(1, 2))
+        xhat, g = _cat_t(xs), _cat_t(gs)
+        w_sq, b_sq = kernels.norm_affine_sq_norms(xhat, g, max_chunk_elems=probe.max_chunk_elems)
+        out = {}
+        if "weight" in unit.params:
+            proj = None
+            if probe._verify_now:
+                u, v = unit.vecs["weight"]
+                proj = torch.linalg.vecdot(xhat.flatten(), (g * (u * v)).flatten())
+            out["weight"] = (w_sq, proj)
+        if "bias" in unit.params:
+            proj = _proj_dense(unit.vecs["bias"], g.sum((0, 1))) if probe._verify_now else None
+            out["bias"] = (b_sq, proj)
+        return out

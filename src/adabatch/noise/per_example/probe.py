@@ -36,7 +36,7 @@ from adabatch.noise.per_example.linear import (
     _SimultaneousLinear,
     _Sink,
 )
-from adabatch.noise.per_example.norm import _NormRule
+from adabatch.noise.per_example.norm import _BatchNormRule, _NormRule, _uses_batch_stats
 
 __all__ = ["PerExampleGradNorms"]
 
@@ -45,6 +45,7 @@ _RULES: list[_Rule] = [
     _ConvRule(),
     _EmbeddingRule(),
     _NormRule(),
+    _BatchNormRule(),
     _MultiheadAttentionRule(),
 ]
 
@@ -75,6 +76,16 @@ def _layout_hint(model: nn.Module, name: str) -> int | None:
         if bf is not None:
             return 0 if bf else 1
     return None
+
+
+def _is_compiled(m: nn.Module) -> bool:
+    """``torch.compile(m)`` (an OptimizedModule) or ``m.compile()``."""
+    dynamo = getattr(torch, "_dynamo", None)
+    eval_frame = getattr(dynamo, "eval_frame", None)
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return (optimized is not None and isinstance(m, optimized)) or (
+        getattr(m, "_compiled_call_impl", None) is not None
+    )
 
 
 def _rule_for(module: nn.Module) -> _Rule | None:
@@ -196,6 +207,9 @@ class PerExampleGradNorms:
         self._covered_ids: list[int] = []
         self._param_by_id: dict[int, nn.Parameter] = {}
         self._param_hooks: list[Any] = []
+        self._unit_of: dict[int, _Unit] = {}
+        self._mixers: list[tuple[str, nn.Module]] = []
+        self._coupled: str | None = None
         self._vecs: dict[int, tuple[Tensor, Tensor]] = {}
         self._clear_results()
 
@@ -244,6 +258,25 @@ class PerExampleGradNorms:
         return [self._names[i] for i in self._ordered(ids)]
 
     @property
+    def coupled(self) -> str | None:
+        """Why the examples of a batch are coupled (a train-mode BatchNorm), or None.
+
+        Set at ``attach()`` or at the first forward that normalises with batch statistics;
+        from then on every parameter is in ``uncovered`` with this reason and ``sq_norms`` is
+        empty: per-example gradients do not exist, micro-batch statistics do.
+        """
+        return self._coupled
+
+    @property
+    def recorded(self) -> int:
+        """How many backward passes since attach/``reset()`` gave norms (rows of ``sq_norms``).
+
+        0 after a backward means nothing was measured (e.g. every module ran compiled, or all
+        parameters are uncovered): the step must not reach the estimator.
+        """
+        return len(self._rows())
+
+    @property
     def uncovered(self) -> list[str]:
         """Names of trainable parameters excluded from ``sq_norms`` (see ``uncovered_reasons``)."""
         return list(self.uncovered_reasons)
@@ -263,6 +296,13 @@ class PerExampleGradNorms:
             RuntimeError: if modules disagree on the batch size within one pass (a tensor whose
                 dim 0 is not the batch, e.g. a Linear applied to ``x.view(-1, d)``).
         """
+        rows = self._rows()
+        if not rows:
+            return torch.zeros(0)
+        return torch.cat(rows)
+
+    def _rows(self) -> list[Tensor]:
+        """One [B] tensor per pass with results on covered parameters."""
         self._finalize_all()
         self._evaluate_checks()
         covered = set(self._covered_ids)
@@ -283,9 +323,7 @@ class PerExampleGradNorms:
                 )
             device = next(iter(per.values())).device
             rows.append(sum(sq.to(device) for sq in per.values()))
-        if not rows:
-            return torch.zeros(0)
-        return torch.cat(rows)
+        return rows
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleGradNorms:
@@ -294,7 +332,7 @@ class PerExampleGradNorms:
             raise RuntimeError("PerExampleGradNorms is already attached; call detach() first")
         self._analyse()
         self._clear_results()
-        self._runtime_reasons = {}
+        self._runtime_reasons, self._coupled, self._unit_of = {}, None, {}
         self._passes, self._saw_grad, self._check_now = 0, False, False
         try:
             for unit in self._units:
@@ -308,11 +346,16 @@ class PerExampleGradNorms:
                     if isinstance(unit.rule, _LinearRule) and "weight" in unit.params:
                         unit.module.forward = self._make_linear_forward(unit)
                         unit.patched = True
-            if self.verify:
-                for unit in self._units:
-                    for lname, p in unit.params.items():
+            for unit in self._units:
+                for lname, p in unit.params.items():
+                    if self.verify:
                         unit.vecs[lname] = self._vecs[id(p)] = self._random_vecs(p)
-                        self._param_hooks.append(p.register_hook(self._make_param_hook(id(p))))
+                    self._unit_of[id(p)] = unit
+                    self._param_hooks.append(p.register_hook(self._make_param_hook(id(p))))
+            for mname, m in self._mixers:
+                if _uses_batch_stats(m):
+                    self._set_coupled(mname, m)
+                self._param_hooks.append(m.register_forward_hook(self._make_mixer_hook(mname)))
         except BaseException:
             self._remove_hooks()
             raise
@@ -360,9 +403,25 @@ class PerExampleGradNorms:
                 if p is not None:
                     owners.setdefault(id(p), []).append(mname)
         self._units, self._static_reasons, covered = [], {}, []
+        self._mixers = [
+            (mname, m) for mname, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
         absorbed: set[int] = set()
         for mname, m in model.named_modules():
             if id(m) in absorbed:
+                continue
+            if _is_compiled(m):
+                # Module hooks do not reliably run inside a compiled graph (measured: none of
+                # them ran under torch.compile(model)): refuse instead of recording nothing.
+                absorbed.update(id(sub) for sub in m.modules())
+                for p in m.parameters():
+                    if p.requires_grad:
+                        self._static_reasons.setdefault(
+                            id(p),
+                            f"'{mname}' is compiled with torch.compile: module hooks do not "
+                            "run inside a compiled graph (use micro-batch statistics)",
+                        )
                 continue
             rule = _rule_for(m)
             if isinstance(rule, _MultiheadAttentionRule):
@@ -436,6 +495,7 @@ class PerExampleGradNorms:
             self._passes += 1
             k = self._passes - 1
             self._check_now = self.verify and (k < 2 or k % self.verify_every == 0)
+        unit.last_pass = self._passes
         if unit.calls and unit.calls[0].gen != self._gen:
             self._finalize(unit)
         try:
@@ -467,6 +527,24 @@ class PerExampleGradNorms:
             return
         for k, j in enumerate(index):
             outs[j].register_hook(self._make_grad_hook(unit, call, k))
+
+    def _make_mixer_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._coupled is None and torch.is_grad_enabled() and _uses_batch_stats(module):
+                if not _inside_func_transform():
+                    self._set_coupled(name, module)
+
+        return hook
+
+    def _set_coupled(self, name: str, module: nn.Module) -> None:
+        """A layer mixes the examples of a batch: no parameter has a per-example gradient."""
+        self._coupled = (
+            f"examples coupled: '{name}' ({type(module).__name__}) normalises with batch "
+            "statistics, so every example's gradient depends on the others (use micro-batch "
+            "statistics)"
+        )
+        for pid in self._covered_ids:
+            self._runtime_reasons.setdefault(pid, self._coupled)
 
     def _make_linear_forward(self, unit: _Unit) -> Callable:
         return _PatchedLinearForward(self, unit)
@@ -548,7 +626,18 @@ class PerExampleGradNorms:
 
     def _on_param_grad(self, pid: int, g: Tensor) -> None:
         self._saw_grad = True
-        if not self._check_now or g.is_sparse or pid in self._runtime_reasons:
+        if pid in self._runtime_reasons:
+            return
+        unit = self._unit_of[pid]
+        if unit.last_pass != self._passes and not unit.broken:
+            # A gradient with no forward of its module in this pass: the module ran where the
+            # hooks do not (compiled after attach()), or the parameter is used outside it.
+            self._runtime_reasons[pid] = (
+                "its gradient arrived in a pass in which its module's hooks never ran (compiled "
+                "with torch.compile after attach(), or used outside its module)"
+            )
+            return
+        if not self._check_now or g.is_sparse:
             return
         u, v = self._vecs[pid]
         with torch.no_grad():
