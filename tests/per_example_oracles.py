@@ -40,3 +40,17 @@ def loop_sq_norms(model, loss_fn, x, y, bdim=0, names=None, forward=None):
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         out.append(sum(g.double().square().sum() for g in gs if g is not None))
     return torch.stack(out)
+
+
+def rowwise_sq_norms(losses, params):
+    """Squared norms of ``grad(losses[b], params)`` for each b, from one batched forward.
+
+    The forward that produced ``losses`` ([B], one loss per example) fixes everything random
+    in it (dropout masks), so for a model that does not mix examples these are exactly the
+    per-example gradients the probe measures on the same forward.
+    """
+    out = []
+    for b in range(losses.shape[0]):
+        gs = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
+        out.append(sum(g.double().square().sum() for g in gs if g is not None))
+    return torch.stack(out)

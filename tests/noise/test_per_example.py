@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from per_example_oracles import loop_sq_norms, vmap_sq_norms
+from per_example_oracles import loop_sq_norms, rowwise_sq_norms, vmap_sq_norms
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -241,14 +241,22 @@ def test_multihead_attention_called_twice_and_cross_attention():
     check(TwoCalls(), torch.randn(B, L, 6), torch.randn(B, L, 6))
 
 
-def test_multihead_attention_dropout():
+@pytest.mark.parametrize("call_kw", [{}, {"use_weights": True}, {"kpm": True}])
+def test_multihead_attention_dropout_uses_the_forwards_masks(call_kw):
+    # The rule reads the projections of the forward that ran, so the dropout masks are the
+    # forward's own. Oracle: the same forward (same seed), one backward per example's loss.
     torch.manual_seed(0)
-    model = Attn(nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True)).to(F64)
+    model = Attn(nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True), **call_kw).to(F64)
     x, y = torch.randn(B, L, 6, dtype=F64), torch.randn(B, L, 6, dtype=F64)
-    names = [n for n, _ in model.named_parameters()]
-    probe = probe_norms(model, _mse, x, y)  # train mode: dropout masks cannot be recomputed
-    assert probe.uncovered == names and probe.covered == []
-    assert "dropout=0.5 in train mode" in probe.uncovered_reasons["mha.in_proj_weight"]
+    torch.manual_seed(1)
+    probe = probe_norms(model, _mse, x, y)
+    assert probe.uncovered == []
+    torch.manual_seed(1)
+    expected = rowwise_sq_norms(_mse(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+    torch.manual_seed(2)  # other masks give other norms: the masks matter
+    assert not torch.allclose(rowwise_sq_norms(_mse(model(x), y), list(model.parameters())),
+                              expected)
     model.eval()  # eval mode: no dropout, exact
     check(model, x, y)
 
@@ -733,3 +741,14 @@ def test_gru_sequence_first_head_exact_and_rnn_uncovered():
 def _lm_loss_bf(logits, y):
     """``_lm_loss`` on batch-first logits [B, T, V] and targets [B, T]."""
     return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
+
+
+def test_multihead_attention_tap_is_removed_even_when_the_forward_raises():
+    linear = F.linear
+    mha = nn.MultiheadAttention(6, 2, batch_first=True)
+    with PerExampleGradNorms(mha):
+        with pytest.raises(AssertionError, match="does not match"):  # torch's own shape check
+            mha(torch.randn(2, 4, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 6))
+        assert F.linear is linear
+        mha(torch.randn(2, 4, 6), torch.randn(2, 3, 6), torch.randn(2, 3, 6))
+        assert F.linear is linear

@@ -92,6 +92,7 @@ class _Rule:
 
     kind = "module"
     stock: tuple[type, ...] = ()
+    taps = False  # True: start(module) before the forward, stop(tap) after (see attention.py)
 
     def refuse(self, module: nn.Module) -> str | None:
         """A reason the module cannot be covered at all, or None."""
@@ -205,4 +206,5 @@ class _Unit:
     hint: int | None = None  # batch dim from an enclosing stock nn.Transformer* module
     memo: dict[int, int] = field(default_factory=dict)  # call index -> resolved batch dim
     last_pass: int | None = None  # the pass of the module's last forward with grad
+    tap: Any = None  # the rule's recorder while the module's forward runs (taps rules)
 

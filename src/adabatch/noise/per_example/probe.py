@@ -78,6 +78,14 @@ def _layout_hint(model: nn.Module, name: str) -> int | None:
     return None
 
 
+def _first_grad(hook: Callable) -> Callable:
+    def prehook(grad_outputs: tuple) -> None:
+        if grad_outputs and grad_outputs[0] is not None:
+            hook(grad_outputs[0])
+
+    return prehook
+
+
 def _is_compiled(m: nn.Module) -> bool:
     """``torch.compile(m)`` (an OptimizedModule) or ``m.compile()``."""
     dynamo = getattr(torch, "_dynamo", None)
@@ -338,9 +346,13 @@ class PerExampleGradNorms:
             for unit in self._units:
                 unit.handles.append(
                     unit.module.register_forward_hook(
-                        self._make_forward_hook(unit), prepend=True, with_kwargs=True
+                        self._make_forward_hook(unit), prepend=True, with_kwargs=True,
+                        always_call=unit.rule.taps,
                     )
                 )
+                if unit.rule.taps:
+                    pre = unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
+                    unit.handles.append(pre)
             if self.simultaneous:
                 for unit in self._units:
                     if isinstance(unit.rule, _LinearRule) and "weight" in unit.params:
@@ -474,7 +486,18 @@ class PerExampleGradNorms:
 
         return hook
 
+    def _make_pre_hook(self, unit: _Unit) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if module is unit.module and not unit.broken and not self._computing:
+                if torch.is_grad_enabled() and not _inside_func_transform():
+                    unit.tap = unit.rule.start(module)
+
+        return hook
+
     def _on_forward(self, unit: _Unit, module, args, kwargs, output) -> None:
+        tap, unit.tap = unit.tap, None
+        if tap is not None:  # (an always_call hook: restored even if the forward raised)
+            unit.rule.stop(tap)
         sink = self._fused_sinks.pop(id(module), None)
         if module is not unit.module:
             return  # a deep copy of the module carries the hook dict along: not ours
@@ -503,10 +526,18 @@ class PerExampleGradNorms:
             if reason is not None:
                 raise _Refused(reason)
             where = _Where(self._batch_size, unit.hint, unit.memo, len(unit.calls))
-            captured, batch, out_bdim = unit.rule.capture(module, args, kwargs, where)
+            extra = {"tap": tap, "output": outs[0]} if unit.rule.taps else {}
+            captured, batch, out_bdim = unit.rule.capture(module, args, kwargs, where, **extra)
         except _Refused as exc:
             self._break(unit, str(exc))
             return
+        if "_targets" in captured:  # the rule names what receives the output-gradients
+            targets, meta = captured.pop("_targets"), captured.pop("_meta")
+            if not targets:
+                return
+        else:
+            targets = [outs[j] for j in index]
+            meta = [(t.shape, t.dtype, t.device) for t in targets]
         captured = {k: v.detach() if isinstance(v, Tensor) else v for k, v in captured.items()}
         versions = [(v, v._version) for v in captured.values() if isinstance(v, Tensor)]
         call = _Call(
@@ -514,19 +545,23 @@ class PerExampleGradNorms:
             batch=batch,
             captured=captured,
             versions=versions,
-            out_meta=[(outs[j].shape, outs[j].dtype, outs[j].device) for j in index],
+            out_meta=meta,
             out_index=index,
             out_bdim=out_bdim,
-            grads=[None] * len(index),
-            grad_versions=[0] * len(index),
+            grads=[None] * len(targets),
+            grad_versions=[0] * len(targets),
             check=self._check_now,
         )
         unit.calls.append(call)
         if sink is not None:  # simultaneous Linear: its backward reports the output-grad
             sink.unit, sink.call = unit, call
             return
-        for k, j in enumerate(index):
-            outs[j].register_hook(self._make_grad_hook(unit, call, k))
+        for k, t in enumerate(targets):
+            hook = self._make_grad_hook(unit, call, k)
+            if isinstance(t, Tensor):
+                t.register_hook(hook)
+            else:  # an autograd node (bias_k's repeat): the gradient at its output
+                t.register_prehook(_first_grad(hook))
 
     def _make_mixer_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
