@@ -4,8 +4,8 @@ A forward hook on each supported module keeps the module's inputs; a tensor hook
 output receives the output-gradient during backward. As soon as every forward call a module
 made in this pass has its output-gradient, the module's rule computes each example's squared
 gradient norm for the module's parameters and the held tensors are released. The maths lives
-in :mod:`adabatch.kernels` (formulas and citations in ``kernels/reference.py``); this file only
-captures, reshapes and bookkeeps.
+in :mod:`adabatch.kernels` (formulas and citations in ``kernels/reference.py``); these files only
+capture, reshape and bookkeep.
 
 Layout: ``probe.py`` (hooks and pass bookkeeping), ``base.py`` (what rules share) and one file
 per layer rule: ``linear.py``, ``conv.py``, ``embedding.py``, ``norm.py``, ``attention.py``.
@@ -25,20 +25,30 @@ Rules (B examples, T positions per example; cost per example on top of the train
   memory T*C*K per example, processed in chunks of examples) and each group is the Linear case.
 * ``nn.Embedding``: ``sum_{t,s}[x_t = x_s] g_t.g_s`` with ``padding_idx`` positions excluded
   (sort + scatter-add, ~T*d).
-* ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``: ``xhat`` is recomputed from the captured
-  input with the module's eps (one extra normalisation, ~T*d), then ``|sum_t xhat_t g_t|^2``
-  and ``|sum_t g_t|^2``. Recomputing avoids holding a second copy of the activations.
-* ``nn.MultiheadAttention``: its ``in_proj_weight`` is used by a functional call, not by a
-  submodule, so the module is recomputed per example with ``torch.func.vmap(grad(...))`` over
-  the captured inputs and output-gradients (one more forward+backward of the module, per-example
-  gradients of its 4E^2 parameters held for a chunk of examples at a time). Refused while
-  ``dropout > 0`` in train mode (a recomputation would draw other masks).
+* ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm*d`` /
+  ``nn.SyncBatchNorm`` (running statistics): ``xhat`` is recomputed from the captured input
+  (one extra normalisation, ~T*d), then ``|sum_t xhat_t g_t|^2`` and ``|sum_t g_t|^2``.
+* ``nn.MultiheadAttention``: its projections are read from the module's own forward
+  (``F.linear`` is tapped while it runs; ``bias_k``/``bias_v`` through their ``repeat`` nodes),
+  so dropout, masks and the SDPA path are the forward's own and nothing is recomputed; each
+  projection is then the Linear case.
+
+Batch dim: ``batch_size`` (set per micro-batch by the callback) finds each call's batch dim
+from its shape, so sequence-first layouts are exact; where several dims match (T == B), a
+``batch_first`` flag (``nn.MultiheadAttention``, or the stock ``nn.Transformer*`` module a layer
+sits in) or the dim resolved on an earlier pass decides, else the module is refused.
 
 Anything else is reported, never guessed: parameters of unsupported modules, parameters
 registered in two modules (tied weights need a cross term), modules whose ``forward`` is
-overridden by a subclass, and, at run time, parameters whose actual gradient disagrees with
-what the rule saw (e.g. a weight also used functionally elsewhere) land in ``uncovered`` with a
-reason in ``uncovered_reasons`` and are excluded from ``sq_norms`` for every pass.
+overridden by a subclass, modules compiled with ``torch.compile`` (hooks do not run in a
+compiled graph), and, at run time, calls whose batch dim cannot be resolved and parameters
+whose actual gradient disagrees with what the rule saw (e.g. a weight also used functionally
+elsewhere) or that received a gradient in a pass where their module's hooks never ran land in
+``uncovered`` with a reason in ``uncovered_reasons`` and are excluded from ``sq_norms`` for every
+pass. A BatchNorm normalising with batch statistics (train mode, affine or not) couples the
+examples: no parameter then has a per-example gradient, ``coupled`` gives the reason and every
+parameter is uncovered. ``recorded`` counts the passes that gave norms (0: nothing measured).
+A custom layer that mixes examples without a BatchNorm (``x - x.mean(0)``) is not detected.
 
 The run-time check (``verify=True``) compares, per parameter and backward, a random rank-one
 projection ``u^T dW v`` of the real gradient (a tensor hook on the parameter) with the same
