@@ -135,6 +135,24 @@ class Transformer(nn.Module):
         return self.t(x, x[:4])
 
 
+class LightningDemo(nn.Module):
+    """Lightning's demo Transformer (``lightning.pytorch.demos``), unmodified, dropout on."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        from lightning.pytorch.demos.transformer import Transformer as Demo
+
+        self.m, self.vocab = Demo(vocab, ninp=8, nhead=2, nhid=12, nlayers=1, dropout=0.2), vocab
+
+    def forward(self, ids):
+        log_probs = self.m(ids, ids)  # [B*T, V] log-probabilities
+        return log_probs.view(*ids.shape, self.vocab)
+
+
+def nll(log_probs, y):
+    return F.nll_loss(log_probs.transpose(1, 2), y, reduction="none").sum(1)
+
+
 def _all(model, reason):
     return {n: reason for n, p in model.named_parameters() if p.requires_grad}
 
@@ -199,12 +217,14 @@ def cases():  # noqa: C901 - one table
     c["frozen_backbone"] = Case(frozen, _x(B, 4), _x(B, 2))
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     compiled = torch.compile(mlp, backend="aot_eager")
-    c["compiled_mlp"] = Case(compiled, _x(B, 4), _x(B, 2),
-                             uncovered=_all(compiled, "compiled with torch.compile"))
+    c["compiled_mlp"] = Case(  # refused at attach (the static reason), not only after a pass
+        compiled, _x(B, 4), _x(B, 2), uncovered=_all(compiled, "is compiled with torch.compile"))
     c["bf16_autocast_mlp_seq"] = Case(
         nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.LayerNorm(6), nn.Linear(6, 2)),
         _x(B, 9, 4), _x(B, 9, 2), autocast=True)
     c["conv1d_sequence"] = Case(ConvSeq(), _x(B, 3, 7), _x(B, 7, 2))
+    c["lightning_demo_transformer"] = Case(
+        LightningDemo(), torch.randint(0, 11, (B, 6)), torch.randint(0, 11, (B, 6)), loss=nll)
     for case in c.values():
         case.model.to(F64)
     return c
