@@ -25,7 +25,7 @@ class _EmbeddingRule(_Rule):
         if ids.dim() < 1:
             raise _Refused("a 0-dim index has no batch dim")
         d = where.pick(ids.shape, "indices")
-        return {"ids": ids.movedim(d, 0)}, ids.shape[d], d
+        return {"ids": ids if d == 0 else ids.movedim(d, 0)}, ids.shape[d], d
 
     def compute(self, unit, calls, probe):
         m = unit.module

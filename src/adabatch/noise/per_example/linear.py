@@ -39,7 +39,7 @@ class _LinearRule(_Rule):
         if x.dim() < 2:
             raise _Refused(f"unbatched input of shape {tuple(x.shape)}: no batch dim")
         d = where.pick(x.shape[:-1])
-        return {"x": x.movedim(d, 0)}, x.shape[d], d
+        return {"x": x if d == 0 else x.movedim(d, 0)}, x.shape[d], d
 
     def compute(self, unit, calls, probe):
         m = unit.module

@@ -37,7 +37,7 @@ class _NormRule(_Rule):
         if isinstance(module, nn.GroupNorm):  # [N, C, *]: the batch is dim 0
             return {"x": x}, x.shape[where.require(x.shape[:1], 0)], 0
         d = where.pick(x.shape[:-lead])
-        return {"x": x.movedim(d, 0)}, x.shape[d], d
+        return {"x": x if d == 0 else x.movedim(d, 0)}, x.shape[d], d
 
     @staticmethod
     def xhat_and_layout(m: nn.Module, x: Tensor, g: Tensor, dt: torch.dtype):

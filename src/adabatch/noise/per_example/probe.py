@@ -724,11 +724,11 @@ class PerExampleGradNorms:
             verify = False
         for c in calls:
             c.grads = [
-                (g if g is not None else torch.zeros(shape, dtype=dt, device=dev)).movedim(
-                    c.out_bdim, 0
-                )
+                g if g is not None else torch.zeros(shape, dtype=dt, device=dev)
                 for g, (shape, dt, dev) in zip(c.grads, c.out_meta)
             ]
+            if c.out_bdim:  # sequence-first: the batch to dim 0, as the rules expect
+                c.grads = [g.movedim(c.out_bdim, 0) for g in c.grads]
         low = any(
             t.dtype in _LOW_PRECISION
             for c in calls
