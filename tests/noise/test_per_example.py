@@ -241,12 +241,17 @@ def test_multihead_attention_called_twice_and_cross_attention():
     check(TwoCalls(), torch.randn(B, L, 6), torch.randn(B, L, 6))
 
 
-@pytest.mark.parametrize("call_kw", [{}, {"use_weights": True}, {"kpm": True}])
-def test_multihead_attention_dropout_uses_the_forwards_masks(call_kw):
+@pytest.mark.parametrize(
+    "mha_kw, call_kw",
+    [({}, {}), ({}, {"use_weights": True}), ({}, {"kpm": True}),
+     ({"add_bias_kv": True, "add_zero_attn": True}, {}), ({"kdim": 4, "vdim": 4}, {})],
+)
+def test_multihead_attention_dropout_uses_the_forwards_masks(mha_kw, call_kw):
     # The rule reads the projections of the forward that ran, so the dropout masks are the
     # forward's own. Oracle: the same forward (same seed), one backward per example's loss.
     torch.manual_seed(0)
-    model = Attn(nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True), **call_kw).to(F64)
+    mha = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True, **mha_kw)
+    model = Attn(mha, **call_kw).to(F64)
     x, y = torch.randn(B, L, 6, dtype=F64), torch.randn(B, L, 6, dtype=F64)
     torch.manual_seed(1)
     probe = probe_norms(model, _mse, x, y)
@@ -752,3 +757,25 @@ def test_multihead_attention_tap_is_removed_even_when_the_forward_raises():
         assert F.linear is linear
         mha(torch.randn(2, 4, 6), torch.randn(2, 3, 6), torch.randn(2, 3, 6))
         assert F.linear is linear
+
+
+def test_custom_layer_inside_a_stock_encoder_gets_no_layout_hint():
+    class MyLayer(nn.Module):  # sequence-first outside, batch-first inside
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(6, 2)  # read by TransformerEncoder.forward
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x, src_mask=None, is_causal=False, src_key_padding_mask=None):
+            return torch.tanh(self.fc(x.transpose(0, 1))).transpose(0, 1)
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(MyLayer(), 1, enable_nested_tensor=False).to(F64)
+    x, y = torch.randn(4, 4, 6, dtype=F64), torch.randn(4, 4, 6, dtype=F64)  # T == B
+    probe = probe_at(enc, _mse, x, y, 1, batch_size=4)
+    assert "ambiguous layout" in probe.uncovered_reasons["layers.0.fc.weight"]
+    x, y = torch.randn(5, 4, 6, dtype=F64), torch.randn(5, 4, 6, dtype=F64)  # T != B: exact
+    probe = probe_at(enc, _mse, x, y, 1, batch_size=4)
+    assert probe.uncovered == [] and "layers.0.fc.weight" in probe.covered  # (self_attn unused)
+    expected = vmap_sq_norms(enc, _mse, x, y, 1, probe.covered)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)

@@ -62,19 +62,28 @@ def _batch_first_of(m: nn.Module) -> bool | None:
                 return None  # a user forward may transpose: no hint
             if isinstance(m, _TRANSFORMER_LAYERS):
                 return m.self_attn.batch_first
-            if isinstance(m, _TRANSFORMER_STACKS):
-                return m.layers[0].self_attn.batch_first if len(m.layers) else None
+            if isinstance(m, _TRANSFORMER_STACKS):  # its forward reads layers[0].self_attn
+                attn = getattr(m.layers[0], "self_attn", None) if len(m.layers) else None
+                return getattr(attn, "batch_first", None)
             return m.batch_first
     return None
 
 
 def _layout_hint(model: nn.Module, name: str) -> int | None:
-    """Batch dim of the module ``name`` from its nearest enclosing stock nn.Transformer*."""
+    """Batch dim of the module ``name`` from the stock nn.Transformer* module it sits in.
+
+    The walk up stops at the first ancestor that is neither a stock transformer module nor
+    an ``nn.ModuleList``: a user module in between (e.g. a custom layer in an
+    ``nn.TransformerEncoder``) may transpose, so its submodules get no hint.
+    """
     parts = name.split(".") if name else []
     for k in range(len(parts) - 1, -1, -1):
-        bf = _batch_first_of(model.get_submodule(".".join(parts[:k])))
+        anc = model.get_submodule(".".join(parts[:k]))
+        bf = _batch_first_of(anc)
         if bf is not None:
             return 0 if bf else 1
+        if not isinstance(anc, nn.ModuleList):
+            return None
     return None
 
 
