@@ -24,10 +24,10 @@ ZOO = "tests/noise/test_zoo.py"
 # name: (file, old, new, tests)
 MUTANTS = {
     "M1 batch_first hint ignored": (
-        "base.py", "        if self.hint is not None:\n", "        if False:\n",
+        "layout.py", "        if self.hint is not None:\n", "        if False:\n",
         [f"{PE}::test_sequence_first_transformer_layer_with_T_equal_B_is_exact"]),
     "M2 ambiguous layout guessed as dim 0": (
-        "base.py", "        known = self.memo.get(self.index)\n",
+        "layout.py", "        known = self.memo.get(self.index)\n",
         "        known = dims[0]\n",
         [f"{PE}::test_sequence_first_model_with_T_equal_B_is_refused_not_guessed"]),
     "M3 coupling not applied to the parameters": (
@@ -61,7 +61,7 @@ MUTANTS = {
         "attention.py", "            total = sum(gs)", "            total = gs[0]",
         [f"{PE}::test_multihead_attention_called_twice_and_cross_attention"]),
     "M12 resolved layout not remembered": (
-        "base.py", "        if known in dims:\n", "        if False:\n",
+        "layout.py", "        if known in dims:\n", "        if False:\n",
         [f"{PE}::test_layout_learned_on_an_unambiguous_pass_resolves_a_later_T_equal_B"]),
     "M13 tap kept after the forward": (
         "attention.py", "        F.linear = tap.orig\n", "        pass\n",

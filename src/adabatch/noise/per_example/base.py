@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from adabatch.noise.per_example.layout import _Where
     from adabatch.noise.per_example.probe import PerExampleGradNorms
 
 _REDUCTIONS = ("mean", "sum")
@@ -122,66 +123,6 @@ class _Rule:
     ) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Per covered parameter (local name): (raw sq norms [B], sum-of-gradients projection)."""
         raise NotImplementedError
-
-
-@dataclass(eq=False)
-class _Where:
-    """What a rule needs to find the batch dim of one call.
-
-    ``batch_size``: the step's micro-batch size, if the caller told the probe; ``hint``: the
-    batch dim implied by a ``batch_first`` flag (the module's own, or that of the stock
-    ``nn.Transformer*`` module it sits in); ``memo``: the dim resolved for this (module, call
-    index) on an earlier, unambiguous pass.
-    """
-
-    batch_size: int | None
-    hint: int | None
-    memo: dict[int, int]
-    index: int
-
-    def pick(self, lead: tuple[int, ...] | torch.Size, what: str = "input") -> int:
-        """The batch dim among the leading dims ``lead`` of a captured tensor; `_Refused` if
-        no dim, or more than one with nothing to tell them apart, can be the batch."""
-        lead = tuple(lead)
-        if not lead:
-            raise _Refused(f"unbatched {what}: no batch dim")
-        n = self.batch_size
-        if self.hint is not None:
-            if self.hint >= len(lead):
-                raise _Refused(f"{what} of leading shape {lead} has no batch dim {self.hint}")
-            if n is not None and lead[self.hint] != n:
-                raise _Refused(
-                    f"{what} of leading shape {lead}: dim {self.hint} (from batch_first) has "
-                    f"size {lead[self.hint]}, not the batch size {n}"
-                )
-            return self.hint
-        if n is None:
-            return 0  # not told the batch size: the documented contract, dim 0
-        dims = [d for d, size in enumerate(lead) if size == n]
-        if len(dims) == 1:
-            self.memo[self.index] = dims[0]
-            return dims[0]
-        if not dims:
-            raise _Refused(f"no leading dim of the {what} {lead} has the batch size {n}")
-        known = self.memo.get(self.index)
-        if known in dims:
-            return known
-        raise _Refused(
-            f"ambiguous layout: dims {dims} of the {what} {lead} all have the batch size {n} "
-            "and no batch_first attribute tells them apart"
-        )
-
-    def require(self, lead: tuple[int, ...] | torch.Size, dim: int, what: str = "input") -> int:
-        """A layout with a fixed batch dim: check its size against the known batch size."""
-        lead = tuple(lead)
-        if len(lead) <= dim:
-            raise _Refused(f"unbatched {what} of leading shape {lead}: no batch dim")
-        if self.batch_size is not None and lead[dim] != self.batch_size:
-            raise _Refused(
-                f"{what} of leading shape {lead}: dim {dim} has size {lead[dim]}, not the "
-                f"batch size {self.batch_size}"
-            )
-        return dim
 
 
 def _proj_dense(vecs: tuple[Tensor, Tensor], total: Tensor) -> Tensor:

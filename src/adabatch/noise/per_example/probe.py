@@ -25,10 +25,10 @@ from adabatch.noise.per_example.base import (
     _Refused,
     _Rule,
     _Unit,
-    _Where,
 )
 from adabatch.noise.per_example.conv import _ConvRule
 from adabatch.noise.per_example.embedding import _EmbeddingRule
+from adabatch.noise.per_example.layout import _layout_hint, _Where
 from adabatch.noise.per_example.linear import (
     _LinearRule,
     _PatchedLinearForward,
@@ -48,43 +48,6 @@ _RULES: list[_Rule] = [
     _BatchNormRule(),
     _MultiheadAttentionRule(),
 ]
-
-
-_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-_TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
-
-
-def _batch_first_of(m: nn.Module) -> bool | None:
-    """The layout a stock nn.Transformer* module passes to its submodules, or None."""
-    for base in (*_TRANSFORMER_LAYERS, *_TRANSFORMER_STACKS, nn.Transformer):
-        if isinstance(m, base):
-            if type(m).forward is not base.forward or "forward" in m.__dict__:
-                return None  # a user forward may transpose: no hint
-            if isinstance(m, _TRANSFORMER_LAYERS):
-                return m.self_attn.batch_first
-            if isinstance(m, _TRANSFORMER_STACKS):  # its forward reads layers[0].self_attn
-                attn = getattr(m.layers[0], "self_attn", None) if len(m.layers) else None
-                return getattr(attn, "batch_first", None)
-            return m.batch_first
-    return None
-
-
-def _layout_hint(model: nn.Module, name: str) -> int | None:
-    """Batch dim of the module ``name`` from the stock nn.Transformer* module it sits in.
-
-    The walk up stops at the first ancestor that is neither a stock transformer module nor
-    an ``nn.ModuleList``: a user module in between (e.g. a custom layer in an
-    ``nn.TransformerEncoder``) may transpose, so its submodules get no hint.
-    """
-    parts = name.split(".") if name else []
-    for k in range(len(parts) - 1, -1, -1):
-        anc = model.get_submodule(".".join(parts[:k]))
-        bf = _batch_first_of(anc)
-        if bf is not None:
-            return 0 if bf else 1
-        if not isinstance(anc, nn.ModuleList):
-            return None
-    return None
 
 
 def _first_grad(hook: Callable) -> Callable:
