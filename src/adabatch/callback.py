@@ -469,6 +469,10 @@ class AdaptiveBatchSize(Callback):
         if amp_scaler is not None and amp_scaler.is_enabled():
             scale *= float(amp_scaler.get_scale())
         self._probe.grad_scale = scale
+        if isinstance(self._probe, PerExampleGradNorms):
+            # The batch dimension of each call is the one of this size (sequence-first
+            # layouts are then exact).
+            self._probe.batch_size = n
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self.enabled or self._probe is None or self._estimator is None:
