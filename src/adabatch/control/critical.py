@@ -37,19 +37,16 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from adabatch import validation as check
+
 __all__ = ["CriticalBatchProbe", "ProbeResult", "critical_batch_from_ratio"]
 
 
 def _check_number(name: str, value: Any, lo: float, hi: float = math.inf, *,
                   lo_open: bool = False, integer: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} must be a number")
-    if integer and not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an int")
-    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        raise ValueError(f"{name}={value!r} must be in {left}{lo}, {hi}]")
-    return value
+    if integer:
+        return check.count(name, value, int(lo))
+    return check.number(name, value, lo, hi, strict=lo_open)
 
 
 def critical_batch_from_ratio(ratio: float, batch_size: float, factor: float) -> float:
