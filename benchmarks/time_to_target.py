@@ -69,7 +69,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import Progress, RunRecord, fmt, median_range  # noqa: E402
+from common import (  # noqa: E402
+    Progress,
+    RunRecord,
+    fmt,
+    median_range,
+    predicted_saving,
+    trajectory_model,
+)
 
 SECTION = "time_to_target"
 TASKS = ("synthetic", "charlm", "digits")
@@ -448,45 +455,6 @@ def fit_mccandlish(fixed: list[tuple[int, float]]) -> tuple[float, float]:
     y = torch.ones(len(rows), dtype=torch.float64)
     sol = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.squeeze(1)
     return float(sol[0]), float(sol[1])
-
-
-def trajectory_model(record: RunRecord, key: str = "gns") -> dict[str, float]:
-    """gamma and P of McCandlish's App. D from a run's per-step (B, B_noise).
-
-    ``key`` is ``"gns"`` (the callback's estimate) or a key of ``record.extra``. Steps before
-    the first finite estimate take that estimate. ``first`` / ``last`` are medians over the
-    first / last tenth of the steps.
-    """
-    bn = record.gns if key == "gns" else [row.get(key, math.nan) for row in record.extra]
-    finite = [v for v in bn if math.isfinite(v) and v > 0]
-    if not finite:
-        return {"gamma": math.nan, "P": math.nan, "first": math.nan, "last": math.nan}
-    w_sum = w_sqrt = w_bn = w_ratio = w_b = 0.0
-    last = finite[0]
-    for b, v in zip(record.batch, bn):
-        v = v if math.isfinite(v) and v > 0 else last
-        last = v
-        w = b / (b + v)  # McCandlish: one step at B is worth B / (B + B_noise) minimal steps
-        w_sum += w
-        w_sqrt += w * math.sqrt(v)
-        w_bn += w * v
-        w_ratio += w * v / b
-        w_b += w * b
-    tenth = max(1, len(finite) // 10)
-    return {
-        "gamma": (w_sqrt / w_sum) ** 2 / (w_bn / w_sum),
-        "P": (w_ratio / w_sum) * (w_b / w_sum) / (w_bn / w_sum),
-        "first": statistics.median(finite[:tenth]),
-        "last": statistics.median(finite[-tenth:]),
-    }
-
-
-def predicted_saving(tradeoff: float, samples: float, e_min: float) -> float:
-    """1 - (1 + k/x) / (1 + 1/x) at sample overhead x = E/E_min - 1 (k = gamma or P)."""
-    if not all(map(math.isfinite, (tradeoff, samples, e_min))) or samples <= e_min:
-        return math.nan
-    x = samples / e_min - 1.0
-    return 1.0 - (1.0 + tradeoff / x) / (1.0 + 1.0 / x)
 
 
 # ============================================================================ per task
