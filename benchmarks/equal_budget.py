@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -162,17 +162,31 @@ def scheduled(cls: type) -> type:
 
 class SampleClock(common.Callback):
     """Counts the samples of each optimizer step before the step (and so before the
-    scheduler reads them): the schedule sees the samples trained on after this step."""
+    scheduler reads them): the schedule sees the samples trained on after this step.
+
+    ``trace`` holds ``(samples before the step, lr)`` of every step, read before any callback
+    after this one scales the learning rate: the schedule itself, to check it is in samples.
+    """
 
     def __init__(self, counter: Any) -> None:
         self.counter, self._pending = counter, 0
+        self.trace: list[tuple[int, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         self._pending += int(batch[0].shape[0])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        self.trace.append((self.counter.samples, float(optimizer.param_groups[0]["lr"])))
         self.counter.add(self._pending)
         self._pending = 0
+
+
+def schedule_error(run: dict[str, Any], budget: int) -> float:
+    """Largest ``|lr / lr0 - warmup_cosine(samples)|`` over a run's steps (0: in samples)."""
+    from adabatch.control.schedules import warmup_cosine
+
+    return max((abs(lr / run["lr"] - warmup_cosine(s, int(WARMUP * budget), budget))
+                for s, lr in run["lr_trace"]), default=math.nan)
 
 
 def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: int,
@@ -223,7 +237,7 @@ def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: i
 def synthetic_task(quick: bool) -> Task:
     if quick:
         return _least_squares("synthetic", quick, 8, 1.0, 2048, [8, 16, 32])
-    return _least_squares("synthetic", quick, 32, 1.0, 16_384, [16, 32, 64, 128, 256, 512])
+    return _least_squares("synthetic", quick, 64, 1.0, 8192, [16, 32, 64, 128, 256, 512])
 
 
 def noisefloor_task(quick: bool) -> Task:
@@ -289,7 +303,7 @@ BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits"
             "charlm": charlm_task}
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_task(name: str, quick: bool) -> Task:
     return BUILDERS[name](quick)
 
@@ -314,8 +328,9 @@ def _thin(values: list[float], n: int = 200) -> list[float]:
 
 def run_job(job: Job) -> dict[str, Any]:
     """Train one run to the budget; a JSON-able summary."""
-    from adabatch.control.schedules import SampleCounter
     from lightning.pytorch import seed_everything
+
+    from adabatch.control.schedules import SampleCounter
 
     common.quiet_lightning()
     common.set_threads(1)
@@ -330,7 +345,8 @@ def run_job(job: Job) -> dict[str, Any]:
                            half_life=task.half_life)
     progress = Progress(task.eval_fn, None, common.geometric_schedule(1.25, 5),
                         max_samples=task.budget, adabatch=cb, extra_fn=task.extra_fn)
-    callbacks = [SampleClock(model.clock)] + ([cb] if cb is not None else []) + [progress]
+    clock = SampleClock(model.clock)
+    callbacks = [clock] + ([cb] if cb is not None else []) + [progress]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = common.fast_trainer(callbacks, tmp)
         t0 = time.perf_counter()
@@ -350,7 +366,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "batch_max": max(rec.batch, default=job.batch),
         "probe_overhead": None if overhead is None else float(overhead),
         "batch_trace": _thin([float(b) for b in rec.batch]),
-        "gns_trace": _thin(rec.gns), "model": {},
+        "gns_trace": _thin(rec.gns), "lr_trace": _thin(clock.trace), "model": {},
     }
     if cb is not None:
         out["model"]["measured"] = trajectory_model(rec)
@@ -528,7 +544,12 @@ def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -
     fixed_growth = {p.batch: model_prediction(p, task.budget, "exact_gns")["growth"]
                     for p in fixed_pts}
     control_growth = {p.batch: model_prediction(p, task.budget)["growth"] for p in control_pts}
+    all_runs = fixed["tuning"] + fixed["runs"] + adaptive
+    sched_err = max((schedule_error(r, task.budget) for r in all_runs if r.get("lr_trace")),
+                    default=math.nan)
+    budget_range = (min(r["samples"] for r in all_runs), max(r["samples"] for r in all_runs))
     return dict(task=task, best_lr=best_lr, fixed=fixed_pts, control=control_pts,
+                schedule_error=sched_err, budget_range=budget_range,
                 adaptive=adaptive_pts, comparisons=comparisons, models=models, exact=exact,
                 fixed_growth=fixed_growth, control_growth=control_growth, raw=fixed)
 
@@ -621,7 +642,8 @@ def goals(outs: list[dict[str, Any]]) -> list[str]:
             "equal or better final loss",
             bool(math.isfinite(saving) and saving >= SAVING_GOAL),
             f"saving {_pct(saving)} against {comp['best'].label if comp['best'] else 'n/a'}; "
-            f"against the cheapest fixed batch of equal or better loss: {_pct(comp['vs_matched'])}"))
+            "against the cheapest fixed batch of equal or better loss: "
+            f"{_pct(comp['vs_matched'])}"))
         pred = model["pred"]
         met = None if not (math.isfinite(pred) and pred > 0) else bool(
             math.isfinite(saving) and saving >= PREDICTED_FRACTION_GOAL * pred)
@@ -665,8 +687,12 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
     lines += ["", "### Goals", ""] + goals(outs)
     for out in outs:
         task: Task = out["task"]
-        lines += ["", f"### {task.name}", "", f"- N = {task.budget} samples; loss: "
-                  f"{task.loss_text}"] + [f"- {n}" for n in task.notes]
+        lo, hi = out["budget_range"]
+        lines += ["", f"### {task.name}", "", f"- N = {task.budget} samples (runs used {lo} to "
+                  f"{hi}: a run stops at the first step that reaches N); loss: {task.loss_text}"]
+        lines += [f"- {n}" for n in task.notes]
+        lines.append("- schedule check: largest |lr/lr0 - warmup_cosine(samples before the step)|"
+                     f" over every step of every run: {fmt(out['schedule_error'], '.2g')}")
         if task.name in figures:
             lines.append(f"- figure: `{_rel(figures[task.name])}`")
         rows = []
