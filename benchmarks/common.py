@@ -18,6 +18,8 @@ Also here, because several scripts need them (time_to_target, rule_fidelity, equ
 - `Progress`: a callback recording, at each optimizer step, samples, batch size, the
   measured noise scale and (on a schedule) an evaluation loss; it stops a run at a target
   loss, a sample / step budget or divergence, and times training without the evaluations;
+- `pareto` / `frontier_steps` / `frontier_samples`: the fixed-batch (samples, steps) frontier
+  of a steps-to-target comparison;
 - `trajectory_model` / `predicted_saving`: McCandlish et al.'s App. D model of a run's
   (B, B_noise) trajectory and the step saving it predicts.
 """
@@ -365,6 +367,64 @@ class Progress(Callback):
 def set_threads(n: int) -> None:
     """Pin torch to ``n`` intra-op threads (tiny models: threads mostly add overhead)."""
     torch.set_num_threads(max(1, n))
+
+
+# ----------------------------------------------------------------------------- frontiers
+SAMPLE_TOLERANCE = 0.1  # fixed runs may spend this much more samples than the adaptive run
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(samples, steps) points no other point beats in both, sorted by samples."""
+    pts = sorted(p for p in points if all(map(math.isfinite, p)))
+    out: list[tuple[float, float]] = []
+    for e, s in pts:
+        if not out or s < out[-1][1]:
+            out.append((e, s))
+    return out
+
+
+def frontier_steps(front: list[tuple[float, float]], samples: float,
+                   tol: float = SAMPLE_TOLERANCE) -> float:
+    """Steps of the fixed frontier at ``(1 + tol) * samples`` (log-log interpolation).
+
+    The fixed runs are allowed ``tol`` more samples than the adaptive one: the frontier is
+    nearly vertical where every small batch needs about the same samples, and there a
+    comparison at exactly equal samples would turn seed noise in sample counts into large
+    "savings". Below the fewest samples any fixed run needed, the frontier is taken at
+    ``(1 + tol)`` times that (no fixed run reaches the target with fewer); above the most,
+    at its last point.
+    """
+    if not front or not math.isfinite(samples):
+        return math.nan
+    samples = max(samples, front[0][0]) * (1.0 + tol)
+    if samples <= front[0][0]:
+        return front[0][1]
+    if samples >= front[-1][0]:
+        return front[-1][1]
+    for (e0, s0), (e1, s1) in zip(front, front[1:]):
+        if e0 <= samples <= e1:
+            t = (math.log(samples) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
+    return math.nan
+
+
+def frontier_samples(front: list[tuple[float, float]], steps: float) -> float:
+    """Samples of the fixed frontier at ``steps`` (log-log interpolation, clamped).
+
+    More steps than the frontier's first point: its samples (no fixed run used fewer);
+    fewer steps than its last point: the last point's samples (no fixed run was faster).
+    """
+    if not front or not math.isfinite(steps):
+        return math.nan
+    if steps >= front[0][1]:
+        return front[0][0]
+    if steps <= front[-1][1]:
+        return front[-1][0]
+    for (e0, s0), (e1, s1) in zip(front, front[1:]):
+        if s1 <= steps <= s0:
+            t = (math.log(s0) - math.log(steps)) / (math.log(s0) - math.log(s1))
+            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
+    return math.nan
 
 
 # ----------------------------------------------------------------------------- the model

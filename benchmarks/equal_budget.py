@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from adabatch.control.policy import Policy
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Progress, fmt, median_range, predicted_saving, trajectory_model  # noqa: E402
@@ -69,9 +71,26 @@ GROWTH_GOAL = 100.0
 SAVING_GOAL = 0.30
 PREDICTED_FRACTION_GOAL = 0.8
 VARIANTS = ("default", "sqrt", "ramp")
+CONST_BUDGET = 4  # the constant-lr check runs until its target or this many budgets
+CONST_EXCESS = 0.2  # its target: the noise floor plus this fraction (least-squares tasks)
 
 
 # ============================================================================ API adapter
+class DoublingRamp(Policy):
+    """A hand-written schedule: the batch doubles from the bottom of the bounds to the top in
+    equal sample intervals (``n + 1`` sizes ``lo, 2 lo, ..., lo 2^n = hi``, each for
+    ``budget / (n + 1)`` samples); the noise scale is ignored."""
+
+    def __init__(self, budget: int, **discipline: Any) -> None:
+        super().__init__(hysteresis=0.0, **discipline)
+        self.budget = budget
+
+    def target(self, obs: Any) -> float:
+        lo, hi = self.bounds.lo, self.bounds.hi
+        n = max(0, round(math.log2(hi / lo)))
+        return float(min(hi, lo * 2 ** min(n, math.floor(obs.samples * (n + 1) / self.budget))))
+
+
 def make_callback(kind: str, **kw: Any):
     """The `AdaptiveBatchSize` of a run kind; the only code that knows the callback's API.
 
@@ -82,10 +101,32 @@ def make_callback(kind: str, **kw: Any):
     Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life``.
     """
     from adabatch import AdaptiveBatchSize
+    from adabatch.control import policy as pol
 
     b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
     common_kw = dict(noise="per_example", resize="sampler", half_life_samples=kw["half_life"],
                      ref_batch_size=b0, max_samples=n, log_every_n_steps=25)
+    if not hasattr(pol, "CriticalBatchPolicy"):  # the API before issue 9
+        return _make_callback_legacy(kind, b0, b_max, n, common_kw)
+    from adabatch.control.rules import ScalingRules
+
+    if kind == "control":
+        return AdaptiveBatchSize(policy=pol.FixedPolicy(), rules=ScalingRules(lr="none"),
+                                 **common_kw)
+    bounds = dict(min_batch_size=b0, max_batch_size=b_max)
+    if kind == "default":
+        return AdaptiveBatchSize(**bounds, **common_kw)
+    if kind == "sqrt":
+        return AdaptiveBatchSize(policy=pol.NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
+                                 **bounds, **common_kw)
+    if kind == "ramp":
+        return AdaptiveBatchSize(policy=DoublingRamp(n), **bounds, **common_kw)
+    raise ValueError(f"kind={kind!r} is not one of control, {', '.join(VARIANTS)}")
+
+
+def _make_callback_legacy(kind: str, b0: int, b_max: int, n: int, common_kw: dict[str, Any]):
+    from adabatch import AdaptiveBatchSize
+
     if kind == "control":
         return AdaptiveBatchSize(policy="fixed", lr_rule="none", **common_kw)
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
@@ -94,8 +135,7 @@ def make_callback(kind: str, **kw: Any):
     if kind == "sqrt":
         return AdaptiveBatchSize(policy="noise", noise_exponent=0.5,
                                  noise_scale_factor=math.sqrt(b0), **bounds, **common_kw)
-    if kind == "ramp":
-        # today's RampPolicy is linear in samples; it reaches b_max at half the budget
+    if kind == "ramp":  # a linear ramp to b_max at half the budget: no policy objects yet
         return AdaptiveBatchSize(policy="ramp", ramp_samples=n // 2, hysteresis=0.0, **bounds,
                                  **common_kw)
     raise ValueError(f"kind={kind!r} is not one of control, {', '.join(VARIANTS)}")
@@ -104,7 +144,7 @@ def make_callback(kind: str, **kw: Any):
 VARIANT_LABELS = {
     "default": "library default",
     "sqrt": "sqrt law B = sqrt(B0 B_simple)",
-    "ramp": "ramp B0 -> B_max",
+    "ramp": "doubling ramp B0 -> B_max",
 }
 
 
@@ -124,6 +164,7 @@ class Task:
     make_dataset: Callable[[int], Any] = None  # type: ignore[assignment]
     eval_fn: Callable[[Any], float] = None  # type: ignore[assignment]
     extra_fn: Callable[[Any], dict[str, float]] | None = None
+    const_target: float | None = None  # the constant-lr steps-to-target check's target
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -142,7 +183,8 @@ def scheduled(cls: type) -> type:
     """A quiet task module whose optimizer follows warm-up + cosine in samples.
 
     The model's ``clock`` (a `SampleCounter`, advanced by `SampleClock` before every
-    optimizer step) and ``budget`` drive a `sample_lambda_lr` stepped every optimizer step.
+    optimizer step) and ``budget`` drive a `sample_lambda_lr` stepped every optimizer step;
+    ``budget = None`` keeps the lr constant.
     """
     from adabatch.control.schedules import SampleSchedule, sample_lambda_lr
 
@@ -150,8 +192,11 @@ def scheduled(cls: type) -> type:
 
     def configure_optimizers(self):  # noqa: ANN001, ANN202
         opt = base.configure_optimizers(self)
-        sched = SampleSchedule("warmup_cosine", warmup_samples=int(WARMUP * self.budget),
-                               total_samples=self.budget)
+        if self.budget is None:  # the constant-lr steps-to-target check
+            sched = SampleSchedule("constant")
+        else:
+            sched = SampleSchedule("warmup_cosine", warmup_samples=int(WARMUP * self.budget),
+                                   total_samples=self.budget)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": sample_lambda_lr(opt, sched, self.clock),
                                  "interval": "step"}}
@@ -202,6 +247,7 @@ def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: i
         # linear up to the curvature limit (with a cosine the mean lr is half the peak)
         lr_center=lambda b: min(b / (6.0 * dim), 1.0 / lam_max),
         half_life=budget / 16, loss_text=f"exact population loss (noise floor {floor:.4g})",
+        const_target=floor * (1 + CONST_EXCESS),
         notes=[f"least squares dim={dim}, condition={cond:g}, noise_std={noise_std:g} (w0 = 0, "
                f"initial loss {float(problem.loss(torch.zeros(dim))):.3g}); plain SGD; fresh "
                "examples; loss evaluated exactly"],
@@ -212,9 +258,9 @@ def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: i
         return model_cls(dim=dim, noise_std=noise_std, condition=cond, lr=lr, optimizer="sgd",
                          init_scale=0.0)
 
-    def make_dataset(seed: int):
+    def make_dataset(seed: int, const: bool = False):
         g = torch.Generator().manual_seed(1000 + seed)
-        x, y = problem.sample(budget + max(batches), g)
+        x, y = problem.sample((CONST_BUDGET if const else 1) * budget + max(batches), g)
         return common.BatchedTensorDataset(x.float(), y.float())
 
     spectrum = problem.spectrum
@@ -243,7 +289,7 @@ def synthetic_task(quick: bool) -> Task:
 def noisefloor_task(quick: bool) -> Task:
     """Least squares run close to its noise floor: B_simple grows without bound as d -> 0."""
     if quick:
-        return _least_squares(HIGH_GROWTH, quick, 8, 0.05, 2048, [8, 16, 32])
+        return _least_squares(HIGH_GROWTH, quick, 8, 0.05, 1024, [8, 16, 32])
     return _least_squares(HIGH_GROWTH, quick, 16, 0.05, 32_768,
                           [16, 32, 64, 128, 256, 512, 1024])
 
@@ -317,6 +363,7 @@ class Job:
     seed: int
     lr: float
     batch: int  # the fixed batch, or B0 for the adaptive runs
+    target: float | None = None  # constant lr until this loss (or CONST_BUDGET x N samples)
 
 
 def _thin(values: list[float], n: int = 200) -> list[float]:
@@ -337,14 +384,18 @@ def run_job(job: Job) -> dict[str, Any]:
     task = get_task(job.task, job.quick)
     seed_everything(job.seed, verbose=False)
     model = task.make_model(job.lr)
-    model.clock, model.budget = SampleCounter(), task.budget
-    loader = common.resizable_loader(task.make_dataset(job.seed), job.batch, seed=job.seed)
+    const = job.target is not None
+    budget = CONST_BUDGET * task.budget if const else task.budget
+    model.clock, model.budget = SampleCounter(), None if const else task.budget
+    data = task.make_dataset(job.seed, const) if const else task.make_dataset(job.seed)
+    loader = common.resizable_loader(data, job.batch, seed=job.seed)
     cb = None
     if job.kind != "fixed":
-        cb = make_callback(job.kind, b0=task.batches[0], b_max=task.batches[-1], n=task.budget,
+        cb = make_callback(job.kind, b0=task.batches[0], b_max=task.batches[-1], n=budget,
                            half_life=task.half_life)
-    progress = Progress(task.eval_fn, None, common.geometric_schedule(1.25, 5),
-                        max_samples=task.budget, adabatch=cb, extra_fn=task.extra_fn)
+    evals = common.every_step if const else common.geometric_schedule(1.25, 5)
+    progress = Progress(task.eval_fn, job.target, evals, max_samples=budget, adabatch=cb,
+                        extra_fn=task.extra_fn)
     clock = SampleClock(model.clock)
     callbacks = [clock] + ([cb] if cb is not None else []) + [progress]
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,6 +418,8 @@ def run_job(job: Job) -> dict[str, Any]:
         "probe_overhead": None if overhead is None else float(overhead),
         "batch_trace": _thin([float(b) for b in rec.batch]),
         "gns_trace": _thin(rec.gns), "lr_trace": _thin(clock.trace), "model": {},
+        "reached": rec.reached, "steps_to_target": rec.steps_to_target,
+        "samples_to_target": rec.samples_to_target,
     }
     if cb is not None:
         out["model"]["measured"] = trajectory_model(rec)
@@ -405,7 +458,7 @@ def tune_and_run_fixed(task: Task, quick: bool, tune_seed: int, seeds: list[int]
     """The lr grid on the tuning seed, then fixed and control runs on ``seeds``."""
     tried: dict[int, dict[float, dict[str, Any]]] = {b: {} for b in task.batches}
     factors = {b: [0.5, 1.0, 2.0] for b in task.batches}
-    for _round in range(3):
+    for _round in range(1 if quick else 3):  # quick: no grid extension
         jobs = [Job(task.name, quick, "fixed", tune_seed, task.lr_center(b) * f, b)
                 for b in task.batches for f in factors[b] if task.lr_center(b) * f not in tried[b]]
         for r in run_all(jobs, n_jobs, log):
@@ -426,17 +479,33 @@ def tune_and_run_fixed(task: Task, quick: bool, tune_seed: int, seeds: list[int]
     jobs = [Job(task.name, quick, k, s, best_lr[b], b) for k in kinds for s in seeds
             for b in task.batches]
     runs = run_all(jobs, n_jobs, log)
-    return {"config": task.config(), "tune_seed": tune_seed, "seeds": seeds,
-            "tuning": [r for b in task.batches for r in tried[b].values()],
-            "best_lr": {str(b): lr for b, lr in best_lr.items()}, "runs": runs}
+    out = {"config": task.config(), "tune_seed": tune_seed, "seeds": seeds,
+           "tuning": [r for b in task.batches for r in tried[b].values()],
+           "best_lr": {str(b): lr for b, lr in best_lr.items()}, "runs": runs}
+    if task.const_target is not None:
+        out["constant"] = run_constant_fixed(task, quick, out, n_jobs, log)
+    return out
+
+
+def run_constant_fixed(task: Task, quick: bool, fixed: dict[str, Any], n_jobs: int,
+                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The constant-lr check's fixed runs: every batch at its tuned lr, held constant."""
+    return run_all([Job(task.name, quick, "fixed", s, fixed["best_lr"][str(b)], b,
+                        target=task.const_target) for s in fixed["seeds"] for b in task.batches],
+                   n_jobs, log)
 
 
 def run_adaptive(task: Task, quick: bool, fixed: dict[str, Any], seeds: list[int],
                  variants: list[str], n_jobs: int, log: Callable[[str], None]) -> list[dict]:
+    """The adaptive variants from B0 at B0's tuned lr; with a constant-lr check, also the
+    default policy at that lr held constant (those runs have a ``target``)."""
     b0 = task.batches[0]
     lr0 = fixed["best_lr"][str(b0)]
-    return run_all([Job(task.name, quick, v, s, lr0, b0) for v in variants for s in seeds],
-                   n_jobs, log)
+    jobs = [Job(task.name, quick, v, s, lr0, b0) for v in variants for s in seeds]
+    if task.const_target is not None and "default" in variants:
+        jobs += [Job(task.name, quick, "default", s, lr0, b0, target=task.const_target)
+                 for s in seeds]
+    return run_all(jobs, n_jobs, log)
 
 
 def config_key(task: Task) -> str:
@@ -525,6 +594,9 @@ def model_prediction(point: Point, budget: int, key: str = "measured") -> dict[s
 
 def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -> dict[str, Any]:
     best_lr = {int(b): lr for b, lr in fixed["best_lr"].items()}
+    const_runs = [r for r in adaptive if r.get("target") is not None]
+    adaptive = [r for r in adaptive if r.get("target") is None]
+    adaptive_pts = group_variants(adaptive)
 
     def group(kind: str, runs: list[dict[str, Any]], key: str, label: Callable[[Any], str]):
         groups: dict[Any, list[dict[str, Any]]] = {}
@@ -536,7 +608,6 @@ def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -
 
     fixed_pts = group("fixed", fixed["runs"], "batch", lambda b: f"B={b}")
     control_pts = group("control", fixed["runs"], "batch", lambda b: f"B={b} +transforms")
-    adaptive_pts = group_variants(adaptive)
     frontier = fixed_pts + control_pts  # a batch schedule must beat the transforms too
     comparisons = {p.kind: compare(p, frontier) for p in adaptive_pts}
     models = {p.kind: model_prediction(p, task.budget) for p in adaptive_pts}
@@ -551,7 +622,37 @@ def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -
     return dict(task=task, best_lr=best_lr, fixed=fixed_pts, control=control_pts,
                 schedule_error=sched_err, budget_range=budget_range,
                 adaptive=adaptive_pts, comparisons=comparisons, models=models, exact=exact,
-                fixed_growth=fixed_growth, control_growth=control_growth, raw=fixed)
+                fixed_growth=fixed_growth, control_growth=control_growth, raw=fixed,
+                constant=constant_check(task, fixed.get("constant", []), const_runs))
+
+
+def _median_inf(values: list[float]) -> float:
+    """Median with a missing value (a run that did not reach the target) as ``inf``."""
+    return statistics.median([v if math.isfinite(v) else math.inf for v in values])
+
+
+def constant_check(task: Task, fixed_runs: list[dict], adaptive_runs: list[dict]) -> dict | None:
+    """Constant lr, steps to ``task.const_target``: the default policy from B0 against the
+    fixed-batch (samples, steps) frontier at its samples (+ `common.SAMPLE_TOLERANCE`)."""
+    if not fixed_runs or not adaptive_runs:
+        return None
+
+    def summary(runs: list[dict]) -> dict[str, Any]:
+        steps = _median_inf([r["steps_to_target"] if r["reached"] else math.inf for r in runs])
+        samples = _median_inf([r["samples_to_target"] if r["reached"] else math.inf
+                               for r in runs])
+        return {"steps": steps, "samples": samples, "reached": sum(r["reached"] for r in runs),
+                "n": len(runs), "lr": runs[0]["lr"],
+                "wall": statistics.median([r["wall"] for r in runs])}
+
+    per_batch = {b: summary([r for r in fixed_runs if r["batch"] == b]) for b in task.batches}
+    front = common.pareto([(v["samples"], v["steps"]) for v in per_batch.values()])
+    ada = summary(adaptive_runs)
+    ada["batch_end"] = statistics.median([r["batch_end"] for r in adaptive_runs])
+    f_steps = common.frontier_steps(front, ada["samples"])
+    saving = 1.0 - ada["steps"] / f_steps if math.isfinite(ada["steps"]) else -math.inf
+    return {"per_batch": per_batch, "adaptive": ada, "frontier_steps": f_steps,
+            "saving": saving, "met": bool(math.isfinite(ada["steps"]) and saving >= 0)}
 
 
 def group_variants(adaptive: list[dict[str, Any]]) -> list[Point]:
@@ -657,6 +758,18 @@ def goals(outs: list[dict[str, Any]]) -> list[str]:
             "(a precondition)", bool(math.isfinite(growth) and growth >= GROWTH_GOAL),
             f"adabatch/gns {fmt(model['first'], '.3g')} -> {fmt(model['last'], '.3g')}: "
             f"x{fmt(growth, '.3g')} in the default runs"))
+    for out in outs:
+        c = out["constant"]
+        if c is None:
+            continue
+        a = c["adaptive"]
+        lines.append(common.goal_line(
+            f"{out['task'].name}: constant lr, steps to target from the smallest batch: no more "
+            "than the best fixed batch at equal samples", c["met"],
+            f"default policy {fmt(a['steps'], '.4g', 'inf')} steps / "
+            f"{fmt(a['samples'], '.4g', 'inf')} samples ({a['reached']}/{a['n']} reached); "
+            f"fixed frontier there {fmt(c['frontier_steps'], '.4g')} steps: saving "
+            f"{fmt(100 * c['saving'], '.1f', '-inf')}%"))
     return lines
 
 
@@ -727,6 +840,21 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
              "saving vs best fixed", "saving vs matched fixed", "dominated by",
              "B_simple first -> last tenth", "gamma", "predicted saving", "wall s",
              "probe overhead"], rows))
+        c = out["constant"]
+        if c is not None:
+            lines += ["", f"Constant lr (each batch at its tuned lr, held constant), steps to "
+                      f"loss <= {fmt(task.const_target, '.4g')} (medians over seeds; at most "
+                      f"{CONST_BUDGET} N samples):", ""]
+            rows = [[f"B={b}", fmt(v["lr"], ".3g"), fmt(v["steps"], ".4g", "inf"),
+                     fmt(v["samples"], ".4g", "inf"), f"{v['reached']}/{v['n']}",
+                     f"{v['wall']:.2f}"] for b, v in c["per_batch"].items()]
+            a = c["adaptive"]
+            rows.append([f"library default from B={task.batches[0]} (B at end "
+                         f"{a['batch_end']:.0f})", fmt(a["lr"], ".3g"),
+                         fmt(a["steps"], ".4g", "inf"), fmt(a["samples"], ".4g", "inf"),
+                         f"{a['reached']}/{a['n']}", f"{a['wall']:.2f}"])
+            lines.append(common.md_table(["run", "lr", "steps", "samples", "reached", "wall s"],
+                                         rows))
         tuning = sorted(out["raw"]["tuning"], key=lambda r: (r["batch"], r["lr"]))
         lines += ["", f"lr tuning (seed {out['raw']['tune_seed']}):", ""]
         lines.append(common.md_table(
@@ -799,6 +927,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise SystemExit(f"{path} was measured with another task configuration; "
                                  "rerun without --reuse-fixed")
             fixed = saved["fixed"]
+            if task.const_target is not None and "constant" not in fixed:
+                fixed["constant"] = run_constant_fixed(task, args.quick, fixed, args.jobs, log)
+                path.write_text(json.dumps({"key": config_key(task), "fixed": fixed}, indent=1))
         else:
             log(f"== {name}: fixed batches {task.batches}, N = {task.budget}")
             fixed = tune_and_run_fixed(task, args.quick, args.tune_seed, args.seeds, args.jobs,

@@ -70,10 +70,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import (  # noqa: E402
+    SAMPLE_TOLERANCE,
     Progress,
     RunRecord,
     fmt,
+    frontier_samples,
+    frontier_steps,
     median_range,
+    pareto,
     predicted_saving,
     trajectory_model,
 )
@@ -82,7 +86,6 @@ SECTION = "time_to_target"
 TASKS = ("synthetic", "charlm", "digits")
 GOALS = {"synthetic": 0.25, "charlm": 0.20, "digits": 0.10}
 GATE_OFF = 1e9  # max_rel_std so large the policies always act on the estimate
-SAMPLE_TOLERANCE = 0.1  # fixed runs may spend this much more than the adaptive run
 
 
 # ============================================================================ settings
@@ -392,60 +395,6 @@ def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small
 
 
 # ============================================================================ analysis
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(samples, steps) points no other point beats in both, sorted by samples."""
-    pts = sorted(p for p in points if all(map(math.isfinite, p)))
-    out: list[tuple[float, float]] = []
-    for e, s in pts:
-        if not out or s < out[-1][1]:
-            out.append((e, s))
-    return out
-
-
-def frontier_steps(front: list[tuple[float, float]], samples: float,
-                   tol: float = SAMPLE_TOLERANCE) -> float:
-    """Steps of the fixed frontier at ``(1 + tol) * samples`` (log-log interpolation).
-
-    The fixed runs are allowed ``tol`` more samples than the adaptive one: the frontier is
-    nearly vertical where every small batch needs about the same samples, and there a
-    comparison at exactly equal samples would turn seed noise in sample counts into large
-    "savings". Below the fewest samples any fixed run needed, the frontier is taken at
-    ``(1 + tol)`` times that (no fixed run reaches the target with fewer); above the most,
-    at its last point.
-    """
-    if not front or not math.isfinite(samples):
-        return math.nan
-    samples = max(samples, front[0][0]) * (1.0 + tol)
-    if samples <= front[0][0]:
-        return front[0][1]
-    if samples >= front[-1][0]:
-        return front[-1][1]
-    for (e0, s0), (e1, s1) in zip(front, front[1:]):
-        if e0 <= samples <= e1:
-            t = (math.log(samples) - math.log(e0)) / (math.log(e1) - math.log(e0))
-            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
-    return math.nan
-
-
-def frontier_samples(front: list[tuple[float, float]], steps: float) -> float:
-    """Samples of the fixed frontier at ``steps`` (log-log interpolation, clamped).
-
-    More steps than the frontier's first point: its samples (no fixed run used fewer);
-    fewer steps than its last point: the last point's samples (no fixed run was faster).
-    """
-    if not front or not math.isfinite(steps):
-        return math.nan
-    if steps >= front[0][1]:
-        return front[0][0]
-    if steps <= front[-1][1]:
-        return front[-1][0]
-    for (e0, s0), (e1, s1) in zip(front, front[1:]):
-        if s1 <= steps <= s0:
-            t = (math.log(s0) - math.log(steps)) / (math.log(s0) - math.log(s1))
-            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
-    return math.nan
-
-
 def fit_mccandlish(fixed: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares fit (relative errors) of ``S = S_min + E_min / B`` to (B, steps)."""
     rows = [(b, s) for b, s in fixed if math.isfinite(s) and s > 0]

@@ -57,17 +57,17 @@ def test_geometric_schedule_is_dense_then_sparse():
 
 # ----------------------------------------------------------------------------- analysis
 def test_pareto_and_frontier_interpolation():
-    front = ttt.pareto([(100.0, 50.0), (200.0, 20.0), (150.0, 60.0), (400.0, 10.0),
+    front = common.pareto([(100.0, 50.0), (200.0, 20.0), (150.0, 60.0), (400.0, 10.0),
                         (800.0, 10.0), (math.nan, 1.0)])
     assert front == [(100.0, 50.0), (200.0, 20.0), (400.0, 10.0)]
     # log-log midpoint between (200, 20) and (400, 10), no tolerance
-    assert ttt.frontier_steps(front, 200 * math.sqrt(2), tol=0.0) == pytest.approx(
+    assert common.frontier_steps(front, 200 * math.sqrt(2), tol=0.0) == pytest.approx(
         20 / math.sqrt(2))
     # below the fewest samples: that point, plus the tolerance
-    assert ttt.frontier_steps(front, 10.0, tol=0.0) == 50.0
-    assert ttt.frontier_steps(front, 1e9, tol=0.0) == 10.0
-    assert ttt.frontier_samples(front, 20.0) == pytest.approx(200.0)
-    assert ttt.frontier_samples(front, 1.0) == 400.0
+    assert common.frontier_steps(front, 10.0, tol=0.0) == 50.0
+    assert common.frontier_steps(front, 1e9, tol=0.0) == 10.0
+    assert common.frontier_samples(front, 20.0) == pytest.approx(200.0)
+    assert common.frontier_samples(front, 1.0) == 400.0
 
 
 def test_mccandlish_fit_recovers_the_model():
@@ -171,7 +171,8 @@ def test_equal_budget_quick(results, tmp_path):
     task = out["task"]
     section = _section(results, "equal_budget")
     assert "- command: `python benchmarks/equal_budget.py --quick" in section
-    assert section.count("- goal: ") == 4  # not dominated + the three high-growth goals
+    # not dominated, the three high-growth goals and the constant-lr check
+    assert section.count("- goal: ") == 5
     runs = out["raw"]["tuning"] + out["raw"]["runs"] + [r for p in out["adaptive"]
                                                        for r in p.runs]
     # equal budget: every run stops at the first step that reaches N (or diverges: lr tuning)
