@@ -575,7 +575,15 @@ def compare(point: Point, fixed: list[Point]) -> dict[str, Any]:
         out["matched"], out["vs_matched"] = m, 1.0 - point.steps / m.steps
     out["dominated_by"] = [f for f in finite
                            if f.steps <= point.steps and better_beyond_spread(f, point)]
+    out["paired"] = paired_difference(point, best)
     return out
+
+
+def paired_difference(a: Point, b: Point) -> list[float]:
+    """``a``'s loss minus ``b``'s, seed by seed (same data order and initialisation), for the
+    seeds both have: the seed-to-seed variation common to both cancels."""
+    loss_b = {r["seed"]: r["final_loss"] for r in b.runs}
+    return [r["final_loss"] - loss_b[r["seed"]] for r in a.runs if r["seed"] in loss_b]
 
 
 def model_prediction(point: Point, budget: int, key: str = "measured") -> dict[str, float]:
@@ -793,7 +801,9 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         "overlap. saving vs best = 1 - steps / steps of the best-loss fixed batch (fixed or "
         "control), counted only when the adaptive loss is equal or better. saving vs matched "
         "= against the fewest-step fixed batch whose loss is equal or better. dominated = a "
-        "fixed batch with a lower loss beyond the spread in no more steps. Model: McCandlish "
+        "fixed batch with a lower loss beyond the spread in no more steps. 'loss - best fixed's"
+        "' pairs the runs of one seed (same data order and initialisation): median [min, max] "
+        "of the differences, for a sharper view than the unpaired ranges. Model: McCandlish "
         "et al. 2018 App. D from the measured B_simple of the run, gamma = "
         "<sqrt B_noise>^2/<B_noise> over progress (one step worth B/(B + B_noise)), E_min = "
         "sum of B_noise dS_min, predicted saving = 1 - (1 + gamma/x)/(1 + 1/x), x = N/E_min - 1")
@@ -827,6 +837,7 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
                 _pct(c["vs_best"]) + (f" vs {c['best'].label}" if c["best"] else ""),
                 _pct(c["vs_matched"]) + (f" vs {c['matched'].label}" if c["matched"] else ""),
                 ", ".join(f.label for f in c["dominated_by"]) or "no",
+                median_range(c.get("paired", []), "+.2g"),
                 f"{fmt(m['first'], '.3g')} -> {fmt(m['last'], '.3g')} (x{fmt(m['growth'], '.3g')})",
                 fmt(m["gamma"], ".2f") + (f" (exact {fmt(e['gamma'], '.2f')})"
                                           if math.isfinite(e["gamma"]) else ""),
@@ -838,6 +849,7 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         lines.append(common.md_table(
             ["variant", "lr at B0", "final loss median [min, max]", "steps", "B at end",
              "saving vs best fixed", "saving vs matched fixed", "dominated by",
+             "loss - best fixed's, per seed",
              "B_simple first -> last tenth", "gamma", "predicted saving", "wall s",
              "probe overhead"], rows))
         c = out["constant"]

@@ -138,7 +138,8 @@ eb = importlib.import_module("equal_budget")
 
 
 def _point(steps: float, losses: list[float], kind: str = "fixed") -> object:
-    runs = [{"steps": steps, "final_loss": v, "wall": 0.0} for v in losses]
+    runs = [{"steps": steps, "final_loss": v, "wall": 0.0, "seed": i}
+            for i, v in enumerate(losses)]
     return eb.Point(f"{kind}{steps}", kind, 16, 0.1, runs)
 
 
@@ -148,6 +149,7 @@ def test_equal_budget_compare_savings_and_domination():
     c = eb.compare(_point(60, [1.01, 1.03], "default"), fixed)
     assert c["best"] is fixed[0] and c["vs_best"] == pytest.approx(0.4)
     assert c["matched"] is fixed[0] and c["dominated_by"] == []
+    assert c["paired"] == pytest.approx([0.01, 0.01])  # seed by seed
     # worse than the best beyond the spread: no saving against it; the 50-step batch is
     # better beyond the spread in fewer steps, so it dominates and is the matched one
     c = eb.compare(_point(60, [1.10, 1.12], "default"), fixed)
