@@ -101,43 +101,23 @@ def make_callback(kind: str, **kw: Any):
     Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life``.
     """
     from adabatch import AdaptiveBatchSize
-    from adabatch.control import policy as pol
+    from adabatch.control.policy import FixedPolicy, NoisePolicy
+    from adabatch.control.rules import ScalingRules
 
     b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
     common_kw = dict(noise="per_example", resize="sampler", half_life_samples=kw["half_life"],
                      ref_batch_size=b0, max_samples=n, log_every_n_steps=25)
-    if not hasattr(pol, "CriticalBatchPolicy"):  # the API before issue 9
-        return _make_callback_legacy(kind, b0, b_max, n, common_kw)
-    from adabatch.control.rules import ScalingRules
-
     if kind == "control":
-        return AdaptiveBatchSize(policy=pol.FixedPolicy(), rules=ScalingRules(lr="none"),
+        return AdaptiveBatchSize(policy=FixedPolicy(), rules=ScalingRules(lr="none"),
                                  **common_kw)
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
     if kind == "default":
         return AdaptiveBatchSize(**bounds, **common_kw)
     if kind == "sqrt":
-        return AdaptiveBatchSize(policy=pol.NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
+        return AdaptiveBatchSize(policy=NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
                                  **bounds, **common_kw)
     if kind == "ramp":
         return AdaptiveBatchSize(policy=DoublingRamp(n), **bounds, **common_kw)
-    raise ValueError(f"kind={kind!r} is not one of control, {', '.join(VARIANTS)}")
-
-
-def _make_callback_legacy(kind: str, b0: int, b_max: int, n: int, common_kw: dict[str, Any]):
-    from adabatch import AdaptiveBatchSize
-
-    if kind == "control":
-        return AdaptiveBatchSize(policy="fixed", lr_rule="none", **common_kw)
-    bounds = dict(min_batch_size=b0, max_batch_size=b_max)
-    if kind == "default":
-        return AdaptiveBatchSize(**bounds, **common_kw)
-    if kind == "sqrt":
-        return AdaptiveBatchSize(policy="noise", noise_exponent=0.5,
-                                 noise_scale_factor=math.sqrt(b0), **bounds, **common_kw)
-    if kind == "ramp":  # a linear ramp to b_max at half the budget: no policy objects yet
-        return AdaptiveBatchSize(policy="ramp", ramp_samples=n // 2, hysteresis=0.0, **bounds,
-                                 **common_kw)
     raise ValueError(f"kind={kind!r} is not one of control, {', '.join(VARIANTS)}")
 
 
@@ -818,6 +798,10 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
                      f" over every step of every run: {fmt(out['schedule_error'], '.2g')}")
         if task.name in figures:
             lines.append(f"- figure: `{_rel(figures[task.name])}`")
+        measured = out["raw"].get("measured")
+        if args.reuse_fixed and measured:
+            lines.append(f"- fixed and control runs reused from `{measured['command']}` of "
+                         f"{measured['date']} on {measured['device']}")
         rows = []
         for p in out["fixed"] + out["control"]:
             growth = (out["fixed_growth"] if p.kind == "fixed" else out["control_growth"]).get(
@@ -896,6 +880,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
     ap.add_argument("--reuse-fixed", action="store_true",
                     help="read the fixed and control runs from --data instead of running them")
+    ap.add_argument("--fixed-only", action="store_true",
+                    help="run and cache the fixed and control runs only (no report)")
     ap.add_argument("--data", type=Path, default=None,
                     help="directory of the cached runs (default benchmarks/data; --quick: none)")
     ap.add_argument("--results", type=Path, default=None,
@@ -946,14 +932,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             log(f"== {name}: fixed batches {task.batches}, N = {task.budget}")
             fixed = tune_and_run_fixed(task, args.quick, args.tune_seed, args.seeds, args.jobs,
                                        log)
+            fixed["measured"] = {"date": common.now(), "device": common.device_line(),
+                                 "command": common.command_line("equal_budget.py", argv)}
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"key": config_key(task), "fixed": fixed}, indent=1))
+        if args.fixed_only:
+            continue
         log(f"== {name}: adaptive {args.variants}")
         adaptive = run_adaptive(task, args.quick, fixed, args.seeds, args.variants, args.jobs,
                                 log)
         outs.append(analyze(task, fixed, adaptive))
     seconds = time.perf_counter() - t0
+    if args.fixed_only:
+        print(f"fixed runs cached in {args.data} ({seconds:.0f} s)")
+        return outs
     figures: dict[str, Path] = {}
     if args.figures is not None:
         for out in outs:
