@@ -765,7 +765,8 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
            load_before: str, seconds: float, figures: dict[str, Path]) -> str:
     lines = [f"## {SECTION}: fixed vs adaptive batch at an equal sample budget", ""]
     lines += common.context_lines("equal_budget.py", argv, load_before)
-    lines.append(f"- wall time of the benchmark: {seconds:.0f} s (jobs {args.jobs}; fixed runs "
+    lines.append(f"- wall time of the benchmark: {seconds:.0f} s, CPU time {cpu_seconds():.0f} s "
+                 f"(this process and its workers; jobs {args.jobs}; fixed runs "
                  f"{'reused from the cache' if args.reuse_fixed else 'run now'})")
     lines.append(
         f"- protocol: per task one sample budget N and one lr schedule in samples (linear "
@@ -860,6 +861,14 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
     return "\n".join(lines)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished child processes."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def _rel(path: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(common.BENCH_DIR.parent))
@@ -945,7 +954,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         outs.append(analyze(task, fixed, adaptive))
     seconds = time.perf_counter() - t0
     if args.fixed_only:
-        print(f"fixed runs cached in {args.data} ({seconds:.0f} s)")
+        print(f"fixed runs cached in {args.data} ({seconds:.0f} s, CPU {cpu_seconds():.0f} s)")
         return outs
     figures: dict[str, Path] = {}
     if args.figures is not None:
