@@ -98,18 +98,19 @@ def make_callback(kind: str, **kw: Any):
     only the betas / eps / weight-decay transforms apply), ``default`` (the library default
     policy and rules), ``sqrt`` (B = sqrt(b0 * B_simple), McCandlish's App. D shape) and
     ``ramp`` (doubling from b0 to b_max in equal sample intervals over the budget).
-    Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life``.
+    Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life`` (the estimator's,
+    for the control only: it is a monitor there; the adaptive runs use the library default).
     """
     from adabatch import AdaptiveBatchSize
     from adabatch.control.policy import FixedPolicy, NoisePolicy
     from adabatch.control.rules import ScalingRules
 
     b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
-    common_kw = dict(noise="per_example", resize="sampler", half_life_samples=kw["half_life"],
-                     ref_batch_size=b0, max_samples=n, log_every_n_steps=25)
+    common_kw = dict(noise="per_example", resize="sampler", ref_batch_size=b0, max_samples=n,
+                     log_every_n_steps=25)
     if kind == "control":
         return AdaptiveBatchSize(policy=FixedPolicy(), rules=ScalingRules(lr="none"),
-                                 **common_kw)
+                                 half_life_samples=kw["half_life"], **common_kw)
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
     if kind == "default":
         return AdaptiveBatchSize(**bounds, **common_kw)
@@ -138,7 +139,7 @@ class Task:
     batches: list[int]
     lr_center: Callable[[int], float]
     optimizer: str  # sgd | adamw
-    half_life: float  # the estimator's half-life in samples
+    half_life: float  # the estimator's half-life in samples in the control runs
     loss_text: str
     make_model: Callable[[float], Any] = None  # type: ignore[assignment]
     make_dataset: Callable[[int], Any] = None  # type: ignore[assignment]
@@ -776,7 +777,9 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         "with AdaptiveBatchSize as a monitor (fixed policy, ref_batch_size = B0, no lr rule), "
         "so the Adam betas^kappa / eps/sqrt(kappa) / weight-decay transforms apply (run where "
         "they exist: Adam-family tasks). Adaptive: from B0 at B0's tuned lr, ref_batch_size = "
-        "B0, max batch = the largest fixed one, the library's default rules")
+        "B0, max batch = the largest fixed one, the library's default rules and estimator "
+        "half-life (the control's monitor uses N/16); the critical-batch probe's replays are "
+        "extra compute, not counted as steps (its cost is the 'probe overhead' column)")
     lines.append(
         "- 'beyond the seed spread' = the seed ranges [min, max] of the final loss do not "
         "overlap. saving vs best = 1 - steps / steps of the best-loss fixed batch (fixed or "
