@@ -146,6 +146,7 @@ class Task:
     eval_fn: Callable[[Any], float] = None  # type: ignore[assignment]
     extra_fn: Callable[[Any], dict[str, float]] | None = None
     const_target: float | None = None  # the constant-lr steps-to-target check's target
+    floor: float = 0.0  # the loss's known floor: the figure shows loss - floor, log scale
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -228,7 +229,7 @@ def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: i
         # linear up to the curvature limit (with a cosine the mean lr is half the peak)
         lr_center=lambda b: min(b / (6.0 * dim), 1.0 / lam_max),
         half_life=budget / 16, loss_text=f"exact population loss (noise floor {floor:.4g})",
-        const_target=floor * (1 + CONST_EXCESS),
+        const_target=floor * (1 + CONST_EXCESS), floor=floor,
         notes=[f"least squares dim={dim}, condition={cond:g}, noise_std={noise_std:g} (w0 = 0, "
                f"initial loss {float(problem.loss(torch.zeros(dim))):.3g}); plain SGD; fresh "
                "examples; loss evaluated exactly"],
@@ -669,17 +670,19 @@ def plot(out: dict[str, Any], path: Path) -> None:
     task: Task = out["task"]
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
 
+    f0 = task.floor
+
     def draw(points: list[Point], fmt_: str, color: str, label: str, line: bool = True) -> None:
         pts = [p for p in points if math.isfinite(p.loss)]
         if not pts:
             return
-        xs, ys = [p.steps for p in pts], [p.loss for p in pts]
+        xs, ys = [p.steps for p in pts], [p.loss - f0 for p in pts]
         err = [[p.loss - p.lo for p in pts], [p.hi - p.loss for p in pts]]
         ax.errorbar(xs, ys, yerr=err, fmt=fmt_, color=color, capsize=3, ms=6, label=label,
                     ls="-" if line else "none", lw=1)
         for p in pts:
             if p.kind == "fixed":
-                ax.annotate(f"B={p.batch}", (p.steps, p.loss), textcoords="offset points",
+                ax.annotate(f"B={p.batch}", (p.steps, p.loss - f0), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
 
     draw(out["fixed"], "o", "0.3", "fixed batch, tuned lr")
@@ -690,10 +693,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
         draw([p], m, c, p.label, line=False)
     ax.set_xscale("log")
     ax.set_xlabel("optimizer steps (equal sample budget)")
-    ax.set_ylabel(f"final {task.loss_text}")
-    finite = [v for p in out["fixed"] + out["control"] + out["adaptive"] for v in p.losses
+    ax.set_ylabel(f"final {task.loss_text}" + (f" - {f0:.4g}" if f0 else ""))
+    finite = [v - f0 for p in out["fixed"] + out["control"] + out["adaptive"] for v in p.losses
               if math.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 3:
+    if f0 or (finite and min(finite) > 0 and max(finite) / min(finite) > 3):
         ax.set_yscale("log")
     ax.set_title(f"{task.name}: N = {task.budget} samples, warm-up + cosine in samples; "
                  "median and range over seeds", fontsize=8)

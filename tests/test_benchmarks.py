@@ -191,3 +191,13 @@ def test_equal_budget_quick(results, tmp_path):
     (again,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
     assert again["raw"] == json.loads(json.dumps(out["raw"]))
     assert [p.kind for p in again["adaptive"]] == ["default"]
+
+
+def test_doubling_ramp_spends_equal_samples_per_size():
+    from adabatch.control.policy import BatchBounds, Observation
+
+    ramp = eb.DoublingRamp(budget=700)
+    ramp.bind(BatchBounds(16, 128, granularity=16))
+    # 4 sizes (16, 32, 64, 128), each for 700 / 4 = 175 samples, then the top
+    sizes = [ramp.target(Observation(s, 0, 16)) for s in (0, 174, 175, 349, 350, 525, 10_000)]
+    assert sizes == [16.0, 16.0, 32.0, 32.0, 64.0, 128.0, 128.0]
