@@ -137,29 +137,34 @@ def test_overhead_quick(results):
 eb = importlib.import_module("equal_budget")
 
 
-def _point(steps: float, losses: list[float], kind: str = "fixed") -> object:
-    runs = [{"steps": steps, "final_loss": v, "wall": 0.0, "seed": i}
+def _point(steps: float, losses: list[float], kind: str = "fixed", seed0: int = 0) -> object:
+    runs = [{"steps": steps, "final_loss": v, "wall": 0.0, "seed": seed0 + i}
             for i, v in enumerate(losses)]
     return eb.Point(f"{kind}{steps}", kind, 16, 0.1, runs)
 
 
 def test_equal_budget_compare_savings_and_domination():
     fixed = [_point(100, [1.00, 1.02]), _point(50, [1.05, 1.06]), _point(25, [1.20, 1.25])]
-    # loss overlapping the best fixed batch's: a saving against it, not dominated
-    c = eb.compare(_point(60, [1.01, 1.03], "default"), fixed)
+    # loss equal to the best fixed batch's (overlapping, per-seed differences of both signs):
+    # a saving against it, not dominated
+    c = eb.compare(_point(60, [1.01, 1.01], "default"), fixed)
     assert c["best"] is fixed[0] and c["vs_best"] == pytest.approx(0.4)
     assert c["matched"] is fixed[0] and c["dominated_by"] == []
-    assert c["paired"] == pytest.approx([0.01, 0.01])  # seed by seed
+    assert c["paired"] == pytest.approx([0.01, -0.01])  # seed by seed
+    # overlapping ranges but worse on every seed: worse beyond the (paired) spread
+    c = eb.compare(_point(60, [1.01, 1.03], "default"), fixed)
+    assert math.isnan(c["vs_best"]) and c["dominated_by"] == []
     # worse than the best beyond the spread: no saving against it; the 50-step batch is
     # better beyond the spread in fewer steps, so it dominates and is the matched one
     c = eb.compare(_point(60, [1.10, 1.12], "default"), fixed)
     assert math.isnan(c["vs_best"])
     assert c["matched"] is fixed[1] and c["vs_matched"] == pytest.approx(-0.2)
     assert c["dominated_by"] == [fixed[1]]
-    # equal steps count as "as few steps"; a touching range is not "beyond the spread"
-    c = eb.compare(_point(50, [1.06, 1.08], "default"), fixed)
+    # unpaired (other seeds): equal steps count as "as few steps"; touching ranges are not
+    # "beyond the spread", disjoint ones are
+    c = eb.compare(_point(50, [1.06, 1.08], "default", seed0=10), fixed)
     assert c["dominated_by"] == [] and c["matched"] is fixed[1]
-    c = eb.compare(_point(50, [1.0601, 1.08], "default"), fixed)
+    c = eb.compare(_point(50, [1.0601, 1.08], "default", seed0=10), fixed)
     assert c["dominated_by"] == [fixed[1]]
     # a diverged run has no saving
     c = eb.compare(_point(50, [math.inf, 1.0], "default"), fixed)
