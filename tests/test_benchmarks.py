@@ -121,3 +121,20 @@ def test_overhead_quick(results):
     section = _section(results, "overhead")
     assert "micro-batch probe" in section and "per-example (torch)" in section
     assert all(s["n"] > 0 and s["median"] > 0 for s in out["stats"].values())
+
+
+# ----------------------------------------------------------------------------- mutants
+def test_every_mutant_applies_to_todays_code(tmp_path):
+    """benchmarks/mutants.py is run by hand; this keeps its patches from drifting silently."""
+    mutants = importlib.import_module("mutants")
+    names = [m.name for m in mutants.MUTANTS]
+    assert len(names) == len(set(names)) >= 6
+    root = Path(mutants.ROOT)
+    for m in mutants.MUTANTS:
+        target = tmp_path / m.name / m.path
+        target.parent.mkdir(parents=True)
+        target.write_text((root / m.path).read_text())
+        mutants.apply(m, tmp_path / m.name)  # raises unless the old text occurs exactly once
+        assert target.read_text() != (root / m.path).read_text()
+        for test in m.tests:
+            assert (root / test.split("::")[0]).is_file(), test
