@@ -188,3 +188,25 @@ def test_adamw_weight_decay_keeps_its_timescale_in_samples(tmp_path):
     rec = GroupRecorder()
     trainer(tmp_path, [cb, rec], max_steps=3, accumulate_grad_batches=4).fit(model, data)
     assert rec.rows == [(pytest.approx(0.02), pytest.approx(0.2))] * 3
+
+
+@pytest.mark.parametrize("source", ["per_example", "microbatch"])
+def test_amp_loss_scale_is_undone(tmp_path, source):
+    """float16 autocast with a GradScaler (scale 1024) on CPU: the probes see gradients of the
+    scaled loss and must divide their squares by scale**2 (and 1/k's); the last step's
+    estimates match the float64 values of its own data to float16 precision."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from measurement_cases import exact_last_step
+
+    model, data, cb = make_run(source, 4, world=1, steps=20)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer(tmp_path, [cb], max_epochs=1, accumulate_grad_batches=4,
+            plugins=[plugin]).fit(model, data)
+    assert scaler.get_scale() == 2.0**10  # no overflow: every step measured at this scale
+    result = summary(cb, model)
+    assert result["num_updates"] == 21 and result["num_skipped"] == 0
+    w = torch.tensor(result["w"], dtype=torch.float64)
+    g_t, s_t = exact_last_step([result["last_window"]], w, source)
+    assert result["last_grad_sq"] == pytest.approx(g_t, rel=5e-3)
+    assert result["last_trace_sigma"] == pytest.approx(s_t, rel=5e-3)
