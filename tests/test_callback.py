@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_helpers import SamplerData, StepRecorder, model_near_optimum, trainer
 
 from adabatch import AdaptiveBatchSize
+from adabatch.control.policy import FixedPolicy, NoisePolicy, RampPolicy
+from adabatch.control.rules import ScalingRules
 from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
 
 
@@ -21,19 +23,19 @@ from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
         ({"noise": "both"}, "noise='both'"),
         ({"policy": "greedy"}, "policy='greedy'"),
         ({"resize": "grow"}, "resize='grow'"),
-        ({"lr_rule": "cubic"}, "lr_rule='cubic'"),
+        ({"rules": "linear"}, "rules='linear'"),
         ({"min_batch_size": 0}, "min_batch_size=0"),
         ({"max_batch_size": 8, "min_batch_size": 16}, "min_batch_size=16"),
         ({"half_life_samples": -1.0}, "half_life_samples=-1.0"),
         ({"half_life_samples": math.inf}, "half_life_samples=inf"),
-        ({"noise_scale_factor": 0.0}, "noise_scale_factor=0.0"),
-        ({"noise_exponent": 1.5}, "noise_exponent=1.5"),
-        ({"hysteresis": -0.1}, "hysteresis=-0.1"),
-        ({"confidence": -1.0}, "confidence=-1.0"),
-        ({"max_rel_std": 0.0}, "max_rel_std=0.0"),
+        ({"half_life_samples": "long"}, "half_life_samples='long'"),
         ({"log_every_n_steps": 0}, "log_every_n_steps=0"),
+        ({"log_every_n_steps": 1.5}, "log_every_n_steps=1.5"),
+        ({"log_every_n_steps": math.nan}, "log_every_n_steps=nan"),
         ({"max_samples": 2.5}, "max_samples=2.5"),
-        ({"policy": "ramp"}, "ramp_samples"),
+        ({"enabled": "no"}, "enabled='no'"),
+        ({"ref_batch_size": True}, "ref_batch_size=True"),
+        ({"ref_batch_size": 0}, "ref_batch_size=0"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
@@ -45,7 +47,7 @@ def test_disabled_callback_does_nothing(tmp_path):
     seed_everything(0)
     model = LeastSquaresModel(dim=4, lr=0.05)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
-    cb = AdaptiveBatchSize(enabled=False, policy="ramp")  # bad combos are fine when off
+    cb = AdaptiveBatchSize(enabled=False, policy=RampPolicy(ramp_samples=10))
     rec = StepRecorder()
     trainer(tmp_path, [cb, rec], max_steps=6, accumulate_grad_batches=2).fit(model, data)
     assert cb.estimator is None and cb.samples == 0 and cb.state_dict() == {}
@@ -87,8 +89,9 @@ def test_noise_policy_settles_at_c_times_the_exact_noise_scale(tmp_path):
     data = SamplerData(dim=16, batch_size=4, num_samples=60_000, fresh=True)
     c = 0.5
     cb = AdaptiveBatchSize(
-        noise="per_example", policy="noise", resize="sampler", noise_scale_factor=c,
-        half_life_samples=4_000, hysteresis=0.05, min_batch_size=4, max_batch_size=512,
+        noise="per_example",
+        policy=NoisePolicy(scale=c, confidence=0.0, hysteresis=0.05, never_decrease=False),
+        resize="sampler", half_life_samples=4_000, min_batch_size=4, max_batch_size=512,
     )
     trainer(tmp_path, [cb], max_epochs=1, max_steps=-1).fit(model, data)
     assert cb.estimator.gns == pytest.approx(exact, rel=0.1)
@@ -109,7 +112,8 @@ def test_scaling_rules_keep_the_loss_curve_in_samples(tmp_path, optimizer, lr, r
         model = LeastSquaresModel(dim=16, lr=lr, optimizer=optimizer, weight_decay=0.01,
                                   init_scale=1.0)
         data = LeastSquaresData(dim=16, batch_size=batch, num_samples=n)
-        cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=small, lr_rule=lr_rule)
+        cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=small,
+                               rules=ScalingRules(lr=lr_rule))
         rec = StepRecorder()
         trainer(tmp_path, [cb, rec], max_epochs=1).fit(model, data)
         # The population loss at each multiple of `big` samples.
@@ -117,7 +121,7 @@ def test_scaling_rules_keep_the_loss_curve_in_samples(tmp_path, optimizer, lr, r
         return [r["loss"] for r in rec.rows[every - 1 :: every]]
 
     reference = torch.tensor(run(small, "none"))
-    with_rules = torch.tensor(run(big, rule))
+    with_rules = torch.tensor(run(big, "kappa"))
     without = torch.tensor(run(big, "none"))
     start = len(reference) // 10
     gap_rules = ((with_rules - reference).abs() / reference)[start:].mean()
@@ -130,9 +134,9 @@ def _run_and_record(tmp_path, resize, max_steps, ckpt_path=None, save_every=None
     seed_everything(0)
     model = LeastSquaresModel(dim=8, lr=0.1, init_scale=1.0)
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
-    cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize=resize,
-                           noise_scale_factor=0.5, half_life_samples=100, hysteresis=0.1,
-                           max_rel_std=10.0, confidence=0.0, min_batch_size=2, max_batch_size=256,
+    policy = NoisePolicy(scale=0.5, confidence=0.0, hysteresis=0.1, never_decrease=False)
+    cb = AdaptiveBatchSize(noise="per_example", policy=policy, resize=resize,
+                           half_life_samples=100, min_batch_size=2, max_batch_size=256,
                            ref_batch_size=2)
     rec = StepRecorder()
     callbacks = [cb, rec]
@@ -168,9 +172,9 @@ def test_non_finite_gradients_never_change_the_batch_size(tmp_path):
     seed_everything(0)
     model = Exploding(dim=8, lr=0.05, init_scale=1.0)
     data = SamplerData(dim=8, batch_size=2, num_samples=4096)
-    cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize="sampler",
-                           noise_scale_factor=1.0, half_life_samples=50, hysteresis=0.0,
-                           max_rel_std=10.0, confidence=0.0, min_batch_size=2, max_batch_size=64,
+    policy = NoisePolicy(scale=1.0, confidence=0.0, hysteresis=0.0, never_decrease=False)
+    cb = AdaptiveBatchSize(noise="per_example", policy=policy, resize="sampler",
+                           half_life_samples=50, min_batch_size=2, max_batch_size=64,
                            ref_batch_size=2)
     trainer(tmp_path, [cb], max_steps=30).fit(model, data)
     assert all(change["step"] <= 5 for change in cb.history)
@@ -183,7 +187,7 @@ def test_logs_through_the_lightning_logger(tmp_path):
     seed_everything(0)
     model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
-    cb = AdaptiveBatchSize(noise="microbatch", policy="noise", half_life_samples=64)
+    cb = AdaptiveBatchSize(noise="microbatch", policy=NoisePolicy(), half_life_samples=64)
     logger = CSVLogger(tmp_path, name="run")
     trainer(tmp_path, [cb], max_steps=10, logger=logger, log_every_n_steps=1,
             accumulate_grad_batches=2).fit(model, data)
@@ -196,7 +200,7 @@ def test_logs_through_the_lightning_logger(tmp_path):
 def test_max_samples_stops_training(tmp_path):
     model = LeastSquaresModel(dim=4, lr=0.05)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=4096)
-    cb = AdaptiveBatchSize(policy="fixed", max_samples=100)
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), max_samples=100)
     trainer(tmp_path, [cb], max_epochs=5).fit(model, data)
     assert 100 <= cb.samples < 104
 
@@ -207,7 +211,7 @@ def test_a_short_last_accumulation_window_is_measured_exactly(tmp_path):
     those 8 samples, computed here by hand."""
     model = LeastSquaresModel(dim=4, lr=1e-12, init_scale=1.0)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=40, fresh=True)  # in order
-    cb = AdaptiveBatchSize(noise="per_example", policy="fixed", ref_batch_size=16)
+    cb = AdaptiveBatchSize(noise="per_example", policy=FixedPolicy(), ref_batch_size=16)
     trainer(tmp_path, [cb], max_epochs=1, accumulate_grad_batches=4).fit(model, data)
     assert cb.estimator.num_updates == 3 and cb.samples == 40
     data.setup("fit")
@@ -222,8 +226,8 @@ def test_auto_resize_grows_the_micro_batch_then_accumulates(tmp_path):
     seed_everything(0)
     model = LeastSquaresModel(dim=4, lr=0.01)
     data = SamplerData(dim=4, batch_size=2, num_samples=2048)
-    cb = AdaptiveBatchSize(policy="ramp", resize="auto", min_batch_size=2, max_batch_size=16,
-                           ramp_samples=200, max_micro_batch=4, hysteresis=0.0)
+    cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=200), resize="auto", min_batch_size=2,
+                           max_batch_size=16, max_micro_batch=4)
     rec = StepRecorder()
     fit = trainer(tmp_path, [cb, rec], max_steps=60)
     fit.fit(model, data)
@@ -259,7 +263,7 @@ def test_a_skipped_step_leaves_the_scheduler_on_the_users_lr(tmp_path):
 
     model = Scheduled(dim=4)
     data = LeastSquaresData(dim=4, batch_size=8, num_samples=256)
-    cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=2)  # kappa = 4: lr x 4 in the step
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=2)  # kappa = 4: lr x 4 in the step
     fit = trainer(tmp_path, [cb], max_steps=6, plugins=[SkipEveryOtherStep()])
     fit.fit(model, data)
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**6)
@@ -273,7 +277,7 @@ def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
         seed_everything(0)
         model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
         data = SamplerData(dim=4, batch_size=2, num_samples=512)
-        cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=4)
+        cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=4)
         extra = [ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1,
                                  filename="{step}")] if save else []
         trainer(root, [cb, *extra], max_steps=6, accumulate_grad_batches=2,
@@ -282,5 +286,5 @@ def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
 
     fresh = run(tmp_path / "a", save=True)
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
-    assert repr(resumed._decider) == repr(fresh._decider)
-    assert (fresh._decider.min_batch_size, fresh._decider.max_batch_size) == (4, 256)
+    assert resumed.policy.bounds == fresh.policy.bounds
+    assert (fresh.policy.bounds.lo, fresh.policy.bounds.hi) == (4, 256)

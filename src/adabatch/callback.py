@@ -15,6 +15,7 @@ their state. See ARCHITECTURE.md for the data flow. Per optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Literal
@@ -25,10 +26,12 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from adabatch import validation as check
+from adabatch.branch import BranchRunner
 from adabatch.control.apply import OptimizerScaler
-from adabatch.control.policy import BatchSizeDecider, Observation, make_policy
+from adabatch.control.policy import BatchBounds, CriticalBatchPolicy, Observation, Policy
 from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
-from adabatch.control.rules import adascale_gain
+from adabatch.control.rules import ScalingRules, adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
@@ -41,155 +44,100 @@ from adabatch.noise.step_stats import (
 )
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
-PolicyName = Literal["noise", "goodput", "ramp", "fixed"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
-LrRule = Literal["auto", "linear", "sqrt", "adascale", "none"]
 
 _MIN_EFFECTIVE_STEPS = 8.0
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
-_POLICIES = ("noise", "goodput", "ramp", "fixed")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
-_LR_RULES = ("auto", "linear", "sqrt", "adascale", "none")
+_STATE_VERSION = 2
 
 
 class AdaptiveBatchSize(Callback):
-    """Adapt the global batch size to the measured gradient noise scale.
+    """Adapt the global batch size to the measured critical batch and gradient noise scale.
 
     Args:
         enabled: when False the callback does nothing at all (LightningCLI always builds it).
+        policy: what batch size to aim for, an :class:`~adabatch.control.policy.Policy`
+            (default :class:`~adabatch.control.policy.CriticalBatchPolicy`: the measured
+            critical batch, grown like its square root). In a LightningCLI config:
+            ``policy: {class_path: adabatch.control.policy.NoisePolicy, init_args: {...}}``;
+            a user's subclass works the same way. A policy instance belongs to one callback.
         noise: where small-batch gradient statistics come from: ``per_example`` (module
             hooks, b = 1), ``microbatch`` (parameter hooks, b = micro-batch per rank) or
-            ``auto`` (per-example when the micro-batch per rank is 1 or all parameters are
-            covered by supported layers, else micro-batch).
-        policy: ``noise`` (B = c * B_simple), ``goodput``, ``ramp`` or ``fixed`` (monitor only).
+            ``auto`` (per-example when the probe covers every parameter, else micro-batch).
+        rules: how hyperparameters follow the batch
+            (:class:`~adabatch.control.rules.ScalingRules`; default: lr by the saturating
+            AdaScale gain, Adam betas/eps and AdamW weight decay scaled).
         ref_batch_size: the global batch size at which the optimizer's hyperparameters were
-            tuned (B_ref); scaling rules use kappa = B / B_ref. Defaults to the starting
+            tuned (B_ref); the rules use kappa = B / B_ref. Defaults to the starting
             global batch size, with a warning.
         min_batch_size: smallest global batch size (default: the starting one).
         max_batch_size: largest global batch size (default: 64 x the starting one).
-        half_life_samples: half-life of the estimator's EMAs, in samples.
         max_samples: stop training after this many samples (a budget in data, not steps).
         resize: ``accumulate`` (micro-batch fixed, change ``accumulate_grad_batches``),
             ``sampler`` (grow the micro-batch through a `ResizableBatchSampler`) or ``auto``
             (grow the micro-batch up to ``max_micro_batch``, then accumulate).
         max_micro_batch: cap on the per-rank micro-batch in ``sampler``/``auto`` modes.
-        noise_scale_factor: c in B = c * B_simple ** noise_exponent (``noise`` policy).
-        noise_exponent: 1 follows B_simple; 0.5 grows like its square root (McCandlish et al.
-            2018, App. D).
-        max_rel_std: if set, the ``noise``/``goodput`` policies act only when the estimate's
-            relative standard error is below this (a gate; see ``confidence``).
-        confidence: z in the ``noise`` policy's lower bound B_simple / (1 + z * rel_std): it
-            acts on a cautious estimate rather than waiting for a precise one (whose error
-            is largest while the batch is far below B_noise); 0 uses the estimate as is.
-        ramp_samples: samples over which the ``ramp`` policy goes from min to max batch size.
-        hysteresis: relative change below which the batch size is kept.
-        min_samples_between_changes: samples that must pass between two changes.
-        never_decrease: never shrink the batch.
-        warmup_samples: no batch-size decision before this many samples.
-        lr_rule: learning-rate scaling with kappa: ``auto`` (linear for SGD, sqrt for Adam),
-            ``linear``, ``sqrt``, ``adascale`` or ``none``.
-        scale_betas: Adam betas -> beta ** kappa.
-        scale_eps: Adam eps -> eps / sqrt(kappa).
-        scale_weight_decay: AdamW decoupled weight decay keeps B / (lr * wd) constant.
+        half_life_samples: half-life of the noise-scale estimator's EMAs, in samples.
         log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps
             (default: the trainer's ``log_every_n_steps``).
+
+    Raises:
+        ValueError: on a bad argument, naming it and its value.
+
+    Example::
+
+        >>> from adabatch.control.policy import NoisePolicy
+        >>> cb = AdaptiveBatchSize(policy=NoisePolicy(scale=0.5, exponent=0.5),
+        ...                        ref_batch_size=64, max_samples=1e6)
+        >>> cb.max_samples, type(cb.policy).__name__
+        (1000000, 'NoisePolicy')
     """
 
     def __init__(
         self,
         enabled: bool = True,
+        policy: Policy | None = None,
         noise: NoiseSource = "auto",
-        policy: PolicyName = "noise",
+        rules: ScalingRules | None = None,
         ref_batch_size: int | None = None,
         min_batch_size: int | None = None,
         max_batch_size: int | None = None,
-        half_life_samples: float = 20_000.0,
         max_samples: int | None = None,
         resize: ResizeMode = "accumulate",
         max_micro_batch: int | None = None,
-        noise_scale_factor: float = 0.25,
-        noise_exponent: float = 1.0,
-        max_rel_std: float | None = None,
-        confidence: float = 2.0,
-        ramp_samples: int | None = None,
-        hysteresis: float = 0.2,
-        min_samples_between_changes: int = 0,
-        never_decrease: bool = False,
-        warmup_samples: int = 0,
-        lr_rule: LrRule = "auto",
-        scale_betas: bool = True,
-        scale_eps: bool = True,
-        scale_weight_decay: bool = True,
+        half_life_samples: float = 20_000.0,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        _check_choice("noise", noise, _NOISE_SOURCES)
-        _check_choice("policy", policy, _POLICIES)
-        _check_choice("resize", resize, _RESIZE_MODES)
-        _check_choice("lr_rule", lr_rule, _LR_RULES)
-        for name, value in (
-            ("ref_batch_size", ref_batch_size),
-            ("min_batch_size", min_batch_size),
-            ("max_batch_size", max_batch_size),
-            ("max_samples", max_samples),
-            ("max_micro_batch", max_micro_batch),
-            ("ramp_samples", ramp_samples),
-        ):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        self.enabled = check.flag("enabled", enabled)
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(
+                f"policy={policy!r} must be an adabatch.control.policy.Policy (e.g. "
+                "CriticalBatchPolicy(), NoisePolicy(scale=0.25), RampPolicy(ramp_samples=...))"
+            )
+        self.policy: Policy = policy if policy is not None else CriticalBatchPolicy()
+        self.noise = check.choice("noise", noise, _NOISE_SOURCES)
+        if rules is not None and not isinstance(rules, ScalingRules):
+            raise ValueError(f"rules={rules!r} must be an adabatch.control.rules.ScalingRules")
+        self.rules = rules if rules is not None else ScalingRules()
+        self.ref_batch_size = check.count("ref_batch_size", ref_batch_size, optional=True)
+        self.min_batch_size = check.count("min_batch_size", min_batch_size, optional=True)
+        self.max_batch_size = check.count("max_batch_size", max_batch_size, optional=True)
         if min_batch_size is not None and max_batch_size is not None:
             if min_batch_size > max_batch_size:
                 raise ValueError(
                     f"min_batch_size={min_batch_size} must be <= max_batch_size={max_batch_size}"
                 )
-        if not (half_life_samples > 0 and math.isfinite(half_life_samples)):
-            raise ValueError(f"half_life_samples={half_life_samples} must be a positive number")
-        if not (noise_scale_factor > 0 and math.isfinite(noise_scale_factor)):
-            raise ValueError(f"noise_scale_factor={noise_scale_factor} must be > 0")
-        if not (0 < noise_exponent <= 1):
-            raise ValueError(f"noise_exponent={noise_exponent} must be in (0, 1]")
-        if max_rel_std is not None and not max_rel_std > 0:
-            raise ValueError(f"max_rel_std={max_rel_std} must be > 0 or None")
-        if not (confidence >= 0 and math.isfinite(confidence)):
-            raise ValueError(f"confidence={confidence} must be a finite number >= 0")
-        if not hysteresis >= 0:
-            raise ValueError(f"hysteresis={hysteresis} must be >= 0")
-        for name, value in (
-            ("min_samples_between_changes", min_samples_between_changes),
-            ("warmup_samples", warmup_samples),
-        ):
-            if value < 0:
-                raise ValueError(f"{name}={value} must be >= 0")
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1")
-        if policy == "ramp" and ramp_samples is None and enabled:
-            raise ValueError("policy='ramp' needs ramp_samples (samples from min to max batch)")
-
-        self.enabled = enabled
-        self.noise = noise
-        self.policy = policy
-        self.ref_batch_size = ref_batch_size
-        self.min_batch_size = min_batch_size
-        self.max_batch_size = max_batch_size
-        self.half_life_samples = float(half_life_samples)
-        self.max_samples = max_samples
-        self.resize = resize
-        self.max_micro_batch = max_micro_batch
-        self.noise_scale_factor = noise_scale_factor
-        self.noise_exponent = noise_exponent
-        self.max_rel_std = max_rel_std
-        self.confidence = confidence
-        self.ramp_samples = ramp_samples
-        self.hysteresis = hysteresis
-        self.min_samples_between_changes = min_samples_between_changes
-        self.never_decrease = never_decrease
-        self.warmup_samples = warmup_samples
-        self.lr_rule = lr_rule
-        self.scale_betas = scale_betas
-        self.scale_eps = scale_eps
-        self.scale_weight_decay = scale_weight_decay
-        self.log_every_n_steps = log_every_n_steps
-
+        self.max_samples = check.count("max_samples", max_samples, optional=True)
+        self.resize = check.choice("resize", resize, _RESIZE_MODES)
+        self.max_micro_batch = check.count("max_micro_batch", max_micro_batch, optional=True)
+        self.half_life_samples = check.number(
+            "half_life_samples", half_life_samples, 0.0, strict=True
+        )
+        self.log_every_n_steps = check.count(
+            "log_every_n_steps", log_every_n_steps, optional=True
+        )
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -202,8 +150,13 @@ class AdaptiveBatchSize(Callback):
         self.steps = 0
         self.history: list[dict[str, float]] = []
         self._estimator: GNSEstimator | None = None
-        self._policy_impl: Any = None
-        self._decider: BatchSizeDecider | None = None
+        self._bound = False  # policy bound to this run's bounds
+        self._branch: BranchRunner | None = None
+        self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses
+        self._loss_batches = 0
+        self._new_step = True  # the next micro-batch starts an optimizer step
+        self._lr0: float | None = None  # the user's initial lr (first param group)
+        self._last_probe: Any = None  # the last ProbeResult (for logging)
         self._scaler: OptimizerScaler | None = None
         self._probe: PerExampleGradNorms | MicroBatchGradNorms | None = None
         self._source: str | None = None
@@ -238,7 +191,7 @@ class AdaptiveBatchSize(Callback):
         if not self.enabled:
             return {}
         state: dict[str, Any] = {
-            "version": 1,
+            "version": _STATE_VERSION,
             "samples": self.samples,
             "steps": self.steps,
             "history": list(self.history),
@@ -253,10 +206,10 @@ class AdaptiveBatchSize(Callback):
         }
         if self._estimator is not None:
             state["estimator"] = self._estimator.state_dict()
-        if self._decider is not None:
-            state["decider"] = self._decider.state_dict()
-        if self._policy_impl is not None and hasattr(self._policy_impl, "state_dict"):
-            state["policy"] = self._policy_impl.state_dict()
+        if self._bound:
+            state["policy"] = self.policy.state_dict()
+        if self._branch is not None:
+            state["branch"] = self._branch.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -299,11 +252,16 @@ class AdaptiveBatchSize(Callback):
             )
         self._scaler = OptimizerScaler(
             trainer.optimizers[0],
-            lr_rule=self.lr_rule,
-            scale_betas=self.scale_betas,
-            scale_eps=self.scale_eps,
-            scale_weight_decay=self.scale_weight_decay,
+            lr_rule=self.rules.lr,
+            scale_betas=self.rules.betas,
+            scale_eps=self.rules.eps,
+            scale_weight_decay=self.rules.weight_decay,
+            max_lr_factor=self.rules.max_lr_factor,
         )
+        group = trainer.optimizers[0].param_groups[0]
+        self._lr0 = float(group.get("initial_lr", group["lr"]))
+        probe = self.policy.probe
+        self._branch = None if probe is None else BranchRunner(probe, self._world)
         # Found in accumulate mode too: its position is then kept up to date for resume.
         self._sampler = _find_resizable_sampler(trainer)
         if self._sampler is None and self.resize in ("sampler", "auto"):
@@ -464,10 +422,10 @@ class AdaptiveBatchSize(Callback):
         self._ref = state.get("ref_batch_size", self._ref)
         if self._micro0 is not None and self._start is not None:
             self._build_policy()
-        if self._decider is not None and "decider" in state:
-            self._decider.load_state_dict(state["decider"])
-        if self._policy_impl is not None and "policy" in state:
-            self._policy_impl.load_state_dict(state["policy"])
+        if self._bound and "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+        if self._branch is not None and "branch" in state:
+            self._branch.load_state_dict(state["branch"])
         self._target = state.get("target")
         split = state.get("split")
         pending = state.get("pending")
@@ -477,8 +435,8 @@ class AdaptiveBatchSize(Callback):
             trainer.accumulate_grad_batches = self._split.accumulation
 
     def _build_policy(self) -> None:
-        """Bounds and policy from the run's *starting* batch (restored on resume, since the
-        layout in force may have changed since)."""
+        """Bounds from the run's *starting* batch (restored on resume, since the layout in
+        force may have changed since), handed to the policy."""
         assert self._micro0 is not None and self._start is not None
         start = self._start
         granularity = self._micro0 * self._world
@@ -486,20 +444,21 @@ class AdaptiveBatchSize(Callback):
         hi = self.max_batch_size if self.max_batch_size is not None else 64 * start
         if self.resize == "sampler" and self.max_micro_batch is not None:
             hi = min(hi, self.max_micro_batch * self._world)
-        lo = max(granularity, lo - lo % granularity)
-        hi = max(lo, hi - hi % granularity)
-        self._decider = BatchSizeDecider(
-            min_batch_size=lo,
-            max_batch_size=hi,
-            granularity=granularity,
-            hysteresis=self.hysteresis,
-            min_samples_between_changes=self.min_samples_between_changes,
-            never_decrease=self.never_decrease,
-        )
-        self._policy_impl = make_policy(
-            self.policy,
-            **_policy_kwargs(self, lo=lo, hi=hi, granularity=granularity),
-        )
+        try:
+            bounds = BatchBounds(lo, hi, granularity)
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"adabatch: the batch-size bounds cannot be honoured with a starting global "
+                f"batch of {start} (micro-batch {self._micro0} x {self._world} rank(s)): {err}"
+            ) from None
+        if not bounds.lo <= start <= bounds.hi:
+            raise MisconfigurationException(
+                f"adabatch: the starting global batch {start} lies outside "
+                f"[min_batch_size={bounds.lo}, max_batch_size={bounds.hi}]; change the "
+                "DataLoader's batch size or the bounds"
+            )
+        self.policy.bind(bounds)
+        self._bound = True
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(
@@ -517,7 +476,7 @@ class AdaptiveBatchSize(Callback):
             self._start = self._target = start
             if self._ref is None:
                 self._ref = start
-                if self.lr_rule != "none":
+                if self.rules.lr != "none":
                     rank_zero_warn(
                         f"adabatch: ref_batch_size not set; scaling rules are relative to the "
                         f"starting global batch size {start}. Set ref_batch_size to the batch "
@@ -526,6 +485,10 @@ class AdaptiveBatchSize(Callback):
             self._build_policy()
         self._local_samples += n
         self._local_batches += 1
+        if self._branch is not None:
+            self._branch.collect_eval(batch)
+            self._branch.record(batch, trainer.optimizers[0], self._new_step)
+        self._new_step = False
         # Lightning divides the loss by k; AMP multiplies it by the scaler's scale.
         scale = 1.0 / trainer.accumulate_grad_batches
         amp_scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -555,16 +518,7 @@ class AdaptiveBatchSize(Callback):
             "step_time": stats.step_time,
             "accepted": float(accepted),
         }
-        kappa = batch / float(self._ref or batch)
-        gain = None
-        if self.lr_rule == "adascale":
-            # Until the estimate exists the gain is 1: the lr the user tuned at B_ref.
-            est = self._estimator
-            gain = 1.0
-            if est.grad_sq is not None and est.trace_sigma is not None:
-                gain = adascale_gain(est.trace_sigma, est.grad_sq, batch, self._ref)
-        assert self._scaler is not None
-        factors = self._scaler.apply(kappa, gain=gain)
+        factors = self._apply_factors(batch)
         self._step_stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
 
     def _on_unmeasured(self, pl_module: Any, stats: StepStats) -> None:
@@ -637,9 +591,13 @@ class AdaptiveBatchSize(Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.enabled or self._step_stats is None:
+        if not self.enabled or self._probe is None:
+            return
+        self._add_loss(outputs)
+        if self._step_stats is None:
             return  # still accumulating
         stats, self._step_stats = self._step_stats, None
+        self._new_step = True
         batch_size = int(stats["samples"])
         self.samples += batch_size
         self.steps += 1
@@ -647,16 +605,115 @@ class AdaptiveBatchSize(Callback):
             self._sampler.advance(batch_size)
         step_time = stats["step_time"]
         throughput = batch_size / step_time if step_time > 0 else None
-
+        loss = self._step_loss(trainer)
         finite = math.isfinite(stats["big_sq"]) and math.isfinite(stats["small_sq"])
-        if finite and self.samples >= self.warmup_samples:
-            self._decide(trainer, batch_size, throughput)
+        if finite:
+            obs = self._observe(batch_size, throughput, loss, trainer)
+            if not self._probe_step(trainer, pl_module, obs):
+                self._decide(obs)
         self._apply_pending(trainer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if self.steps % every == 0:
             self._log(pl_module, stats)
         if self.max_samples is not None and self.samples >= self.max_samples:
             trainer.should_stop = True
+
+    def _add_loss(self, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().double()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_batches += 1
+
+    def _step_loss(self, trainer: Any) -> float | None:
+        """The step's mean training loss over the micro-batches and ranks (``None``: none)."""
+        if self._loss_sum is None:
+            return None
+        # Lightning's outputs hold loss / k: undo it, over the micro-batches actually seen.
+        loss = self._loss_sum * (trainer.accumulate_grad_batches / self._loss_batches)
+        self._loss_sum, self._loss_batches = None, 0
+        return float(trainer.strategy.reduce(loss, reduce_op="mean"))
+
+    def _observe(
+        self, batch_size: int, throughput: float | None, loss: float | None, trainer: Any
+    ) -> Observation:
+        est = self._estimator
+        assert est is not None
+        # A spread measured over a handful of steps is itself too noisy to vouch for the
+        # estimate: report no uncertainty (untrusted) until the EMA holds enough steps.
+        settled = est.effective_sample_size >= _MIN_EFFECTIVE_STEPS
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        last = self._last_probe
+        return Observation(
+            samples=self.samples,
+            steps=self.steps,
+            batch_size=batch_size,
+            gns=est.gns,
+            gns_rel_std=est.gns_rel_std if settled else None,
+            throughput=throughput,
+            loss=loss,
+            lr_factor=float(lr) / self._lr0 if self._lr0 else None,
+            critical_batch=None if last is None else last.critical_batch,
+        )
+
+    def _probe_step(self, trainer: Any, pl_module: Any, obs: Observation) -> bool:
+        """Advance the critical-batch probe; True while its window is open (batch held)."""
+        branch = self._branch
+        if branch is None:
+            return False
+        optimizer = trainer.optimizers[0]
+        if branch.window is not None:
+            if branch.window["batch_size"] != obs.batch_size:
+                branch.abandon()  # the layout changed under the window (a resume)
+                return False
+            if not branch.full:
+                return True
+            with self._noise_probe_paused():
+                result = branch.close(
+                    pl_module, optimizer, trainer, self._apply_factors,
+                    samples=self.samples, gns=obs.gns, gns_rel_std=obs.gns_rel_std,
+                )
+            self._last_probe = result
+            self.policy.observe_probe(result)
+            return False
+        probe = branch.config
+        if (
+            self._pending is None
+            and self._target == obs.batch_size
+            and branch.eval_ready
+            and probe.should_start(samples=self.samples, batch_size=obs.batch_size,
+                                   gns=obs.gns, spent=branch.spent, last=branch.last)
+        ):
+            with self._noise_probe_paused():
+                branch.open(pl_module, optimizer, trainer, obs.batch_size)
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def _noise_probe_paused(self) -> Any:
+        """The branch's forward/backward passes must not reach the noise statistics."""
+        probe = self._probe
+        if probe is not None:
+            probe.detach()
+        try:
+            yield
+        finally:
+            if probe is not None:
+                probe.attach()
+                probe.reset()
+
+    def _apply_factors(self, batch_size: int) -> dict[str, float]:
+        """Scale the optimizer for one step at global ``batch_size``."""
+        assert self._scaler is not None and self._estimator is not None
+        ref = float(self._ref or batch_size)
+        gain = None
+        est = self._estimator
+        if self._scaler.needs_gain:
+            # Until the estimate exists the gain is 1: the lr the user tuned at B_ref.
+            gain = 1.0
+            if est.grad_sq is not None and est.trace_sigma is not None:
+                gain = adascale_gain(est.trace_sigma, est.grad_sq, batch_size, ref)
+        return self._scaler.apply(batch_size / ref, gain=gain)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._t_last = None  # keep validation time out of the throughput
@@ -669,25 +726,9 @@ class AdaptiveBatchSize(Callback):
             self._apply_pending(trainer, epoch_start=done == 0)
         self._t_last = None
 
-    def _decide(self, trainer: Any, batch_size: int, throughput: float | None) -> None:
-        assert self._estimator is not None and self._decider is not None
-        est = self._estimator
-        # A spread measured over a handful of steps is itself too noisy to vouch for the
-        # estimate: report no uncertainty (untrusted) until the EMA holds enough steps.
-        settled = est.effective_sample_size >= _MIN_EFFECTIVE_STEPS
-        obs = Observation(
-            samples=self.samples,
-            steps=self.steps,
-            batch_size=batch_size,
-            gns=est.gns,
-            gns_rel_std=est.gns_rel_std if settled else None,
-            throughput=throughput,
-        )
-        target = self._policy_impl.target(obs)
-        current = self._target or batch_size
-        if target is None:
-            return
-        new = self._decider.decide(target, current, self.samples)
+    def _decide(self, obs: Observation) -> None:
+        current = self._target or obs.batch_size
+        new = self.policy.decide(obs, current)
         if new == current:
             return
         assert self._micro0 is not None and self._split is not None
@@ -753,6 +794,18 @@ class AdaptiveBatchSize(Callback):
         ):
             if value is not None and math.isfinite(value):
                 metrics[key] = float(value)
+        if self._branch is not None:
+            metrics["adabatch/probe_overhead"] = self._branch.spent / max(self.samples, 1)
+            metrics["adabatch/probe_seconds"] = self._branch.seconds
+            last = self._last_probe
+            if last is not None and last.ratio is not None:
+                metrics["adabatch/probe_ratio"] = float(last.ratio)
+        crit = getattr(self.policy, "critical_batch", None)
+        if callable(crit) and est.gns is not None:
+            value = crit(Observation(self.samples, self.steps, int(stats["samples"]),
+                                     gns=est.gns, gns_rel_std=est.gns_rel_std))
+            if value is not None and math.isfinite(value):
+                metrics["adabatch/critical_batch"] = float(value)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
 
@@ -765,31 +818,6 @@ def _compiled_modules(module: Any) -> list[str]:
 def _names(names: list[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
-
-
-def _policy_kwargs(cb: AdaptiveBatchSize, *, lo: int, hi: int, granularity: int) -> dict:
-    if cb.policy == "noise":
-        return {
-            "scale": cb.noise_scale_factor,
-            "exponent": cb.noise_exponent,
-            "max_rel_std": cb.max_rel_std,
-            "confidence": cb.confidence,
-        }
-    if cb.policy == "goodput":
-        return {
-            "min_batch_size": lo,
-            "max_batch_size": hi,
-            "granularity": granularity,
-            "max_rel_std": cb.max_rel_std,
-        }
-    if cb.policy == "ramp":
-        return {"start_batch_size": lo, "end_batch_size": hi, "ramp_samples": cb.ramp_samples}
-    return {}
 
 
 def _find_resizable_sampler(trainer: Any) -> Any:

@@ -77,7 +77,7 @@ def _run_scheduled(opt_name, sched_name, use_scaler, steps=12):
     in_step: list = []
     # registered before the scaler's hook, so it sees the values the update used
     opt.register_step_post_hook(lambda o, a, k: in_step.append(_snapshot(o)))
-    scaler = OptimizerScaler(opt) if use_scaler else None
+    scaler = OptimizerScaler(opt, lr_rule="kappa") if use_scaler else None
     sched = SCHEDULERS[sched_name](opt)
     before, after, last_lr = [], [], []
     for t in range(steps):
@@ -132,7 +132,7 @@ def test_user_pre_hook_sees_unscaled_values():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     _step(opt, model, 0, scaler, 4.0)
     assert seen == [0.1]
 
@@ -144,7 +144,7 @@ def test_user_pre_hook_sees_unscaled_values():
 def test_sgd_update_is_lr_times_kappa_by_hand(kappa):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     x, y = _data(0)
     p0 = [p.detach().clone() for p in model.parameters()]
     loss = ((model(x) - y) ** 2).mean()
@@ -185,7 +185,7 @@ def test_parameter_trajectory_equals_hand_scaled_optimizer(name):
     model = _model()
     ref = copy.deepcopy(model)
     opt, opt_ref = make(model), make_ref(ref, kappa)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     for t in range(5):
         _step(opt, model, t, scaler, kappa)
         _step(opt_ref, ref, t)
@@ -197,7 +197,7 @@ def _decay_after(samples, batch, ref_batch, scale):
     """AdamW with zero gradients: only the decoupled decay acts. Returns p / p0."""
     p = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.1)
-    scaler = OptimizerScaler(opt, scale_weight_decay=scale)
+    scaler = OptimizerScaler(opt, lr_rule="kappa", scale_weight_decay=scale)
     for _ in range(samples // batch):
         p.grad = torch.zeros_like(p)
         scaler.apply(batch / ref_batch)
@@ -227,7 +227,7 @@ def test_each_group_scaled_from_its_own_values_and_restored_exactly():
         lr=0.01, weight_decay=0.2,
     )
     original = _snapshot(opt)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     info = scaler.apply(4.0)
     g0, g1 = opt.param_groups
     assert (g0["lr"], g1["lr"]) == (0.02, 1.0)
@@ -246,7 +246,7 @@ def test_each_group_scaled_from_its_own_values_and_restored_exactly():
 def test_restore_idempotent_and_safe_without_apply():
     opt = torch.optim.Adam(_model().parameters(), lr=0.01)
     original = _snapshot(opt)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     scaler.restore()
     assert _snapshot(opt) == original
     scaler.apply(2.0)
@@ -258,7 +258,7 @@ def test_restore_idempotent_and_safe_without_apply():
 def test_skipped_step_restored_defensively_and_apply_never_compounds():
     # AMP skips optimizer.step on inf grads: the post-hook does not fire
     opt = torch.optim.SGD(_model().parameters(), lr=0.1)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     scaler.apply(4.0)
     scaler.apply(4.0)  # again, without a step in between: from the original values
     assert opt.param_groups[0]["lr"] == 0.4
@@ -268,7 +268,7 @@ def test_skipped_step_restored_defensively_and_apply_never_compounds():
 
 def test_bad_kappa_leaves_optimizer_untouched():
     opt = torch.optim.Adam(_model().parameters(), lr=0.01)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     for kappa in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="kappa="):
             scaler.apply(kappa)
@@ -278,7 +278,7 @@ def test_bad_kappa_leaves_optimizer_untouched():
 def test_close_removes_hook():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     scaler.close()
     scaler.close()
     scaler.apply(2.0)
@@ -292,7 +292,7 @@ def test_tensor_lr_restored_as_same_object():
     p = torch.nn.Parameter(torch.ones(3))
     lr = torch.tensor(0.01)
     opt = torch.optim.Adam([p], lr=lr, foreach=False)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     p.grad = torch.ones(3)
     info = scaler.apply(4.0)
     assert info["lr"] == pytest.approx(0.02)
@@ -330,7 +330,29 @@ class Custom(torch.optim.Optimizer):
 def test_auto_rule_by_family(make, family, rule):
     opt = make(_model().parameters())
     assert optimizer_family(opt) == family
-    assert OptimizerScaler(opt).lr_rule == rule
+    assert OptimizerScaler(opt, lr_rule="kappa").lr_rule == rule
+    saturating = {"linear": "adascale", "sqrt": "adascale_sqrt"}[rule]
+    assert OptimizerScaler(opt).lr_rule == saturating  # the default, "auto"
+
+
+def test_auto_rule_saturates_at_the_measured_noise_scale():
+    # B_noise = tr(Sigma)/|G|^2 = 64, B_ref = 8: the linear rule would give kappa = 128 at
+    # B = 1024; the gain saturates at 1 + B_noise / B_ref = 9.
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    scaler = OptimizerScaler(opt)
+    from adabatch.control.rules import adascale_gain
+
+    gain = adascale_gain(trace_sigma=64.0, grad_sq=1.0, batch_size=1024, ref_batch_size=8)
+    assert 8.4 < gain < 9.0
+    assert scaler.apply(128.0, gain=gain)["lr_factor"] == pytest.approx(gain)
+    scaler.restore()
+    assert scaler.apply(128.0)["lr_factor"] == 1.0  # no statistics: the tuned lr
+    scaler.close()
+    capped = OptimizerScaler(opt, lr_rule="kappa", max_lr_factor=4.0)
+    assert capped.apply(128.0)["lr_factor"] == 4.0
+    capped.close()
+    with pytest.raises(ValueError, match="max_lr_factor=0.5"):
+        OptimizerScaler(opt, max_lr_factor=0.5)
 
 
 @pytest.mark.parametrize(
@@ -341,7 +363,7 @@ def test_auto_rule_by_family(make, family, rule):
         (lambda p: Custom(p), "Custom"),
     ],
 )
-@pytest.mark.parametrize("rule", ["auto", "adascale"])
+@pytest.mark.parametrize("rule", ["auto", "adascale", "kappa"])
 def test_unknown_optimizer_error_names_rule_and_class(make, name, rule):
     opt = make(_model().parameters())
     with pytest.raises(ValueError, match=rf"lr_rule='{rule}'.*{name}.*explicit lr_rule"):
@@ -359,7 +381,7 @@ def test_unknown_optimizer_with_explicit_rule_scales_lr_only():
 
 def test_sgd_skips_betas_eps_weight_decay():
     opt = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    scaler = OptimizerScaler(opt)
+    scaler = OptimizerScaler(opt, lr_rule="kappa")
     assert not (scaler.scale_betas or scaler.scale_eps or scaler.scale_weight_decay)
     scaler.apply(4.0)
     g = opt.param_groups[0]
@@ -377,13 +399,14 @@ def test_sgd_skips_betas_eps_weight_decay():
 )
 def test_weight_decay_scaled_only_when_decoupled(make, scaled):
     opt = make(_model().parameters())
-    OptimizerScaler(opt).apply(4.0)
+    OptimizerScaler(opt, lr_rule="kappa").apply(4.0)
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.2 if scaled else 0.1)
 
 
 def test_switches_off():
     opt = torch.optim.AdamW(_model().parameters(), lr=0.01, weight_decay=0.1)
-    OptimizerScaler(opt, scale_betas=False, scale_eps=False, scale_weight_decay=False).apply(4.0)
+    OptimizerScaler(opt, lr_rule="kappa", scale_betas=False, scale_eps=False,
+                    scale_weight_decay=False).apply(4.0)
     g = opt.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (0.02, (0.9, 0.999), 1e-8, 0.1)
 

@@ -39,8 +39,14 @@ SGD_FAMILY: tuple[type[Optimizer], ...] = (SGD,)
 #: listed for older versions.
 ADAM_FAMILY: tuple[type[Optimizer], ...] = (Adam, AdamW, NAdam, RAdam, Adamax)
 
-_AUTO_RULE = {"sgd": "linear", "adam": "sqrt"}
-_ADASCALE_RULE = {"sgd": "adascale", "adam": "adascale_sqrt"}
+#: ``lr_rule="auto"``: the AdaScale gain (SGD) or its square root (Adam family). The gain
+#: ``r = (tr(Sigma)/B_ref + |G|^2) / (tr(Sigma)/B + |G|^2)`` equals the linear rule's kappa
+#: while the gradient is all noise and saturates at ``1 + B_noise / B_ref`` as the batch
+#: passes the noise scale: the linear rule alone overshot there (tuned fixed LRs at
+#: B = 512-1024 were 4x below it, and a linear ramp diverged, on a user's MLP).
+_AUTO_RULE = {"sgd": "adascale", "adam": "adascale_sqrt"}
+#: ``lr_rule="kappa"``: the unsaturated rules of kappa alone.
+_KAPPA_RULE = {"sgd": "linear", "adam": "sqrt"}
 
 
 def optimizer_family(optimizer: Optimizer) -> str | None:
@@ -73,10 +79,12 @@ class OptimizerScaler:
 
     What is scaled, by optimizer family (``isinstance``, so subclasses count):
 
-    - SGD: lr (``"linear"`` for ``lr_rule="auto"``). Momentum is kept (Goyal et al. 2017).
+    - SGD: lr (the AdaScale gain for ``lr_rule="auto"``: the linear rule, saturated by the
+      measured noise; ``"kappa"`` for the plain linear rule). Momentum is kept (Goyal et al. 2017).
       Weight decay is L2 inside the gradient, so the decay per step is ``lr * wd``: it
       already follows the lr, and under the linear rule the decay per sample is unchanged.
-    - Adam family (Adam, AdamW, NAdam, RAdam, Adamax): lr (``"sqrt"`` for ``"auto"``),
+    - Adam family (Adam, AdamW, NAdam, RAdam, Adamax): lr (``sqrt(gain)`` for ``"auto"``,
+      ``sqrt(kappa)`` for ``"kappa"``),
       ``betas -> beta ** kappa``, ``eps -> eps / sqrt(kappa)``, and weight decay by
       ``kappa / lr_factor`` (Power Lines) *only* where it is decoupled (AdamW, or a group
       with ``decoupled_weight_decay=True``). Adam's L2 decay passes through the adaptive
@@ -89,22 +97,25 @@ class OptimizerScaler:
 
     Args:
         optimizer: a plain torch optimizer (Lightning's wrapper: pass ``.optimizer``).
-        lr_rule: ``"auto"`` (linear for SGD, sqrt for the Adam family), ``"adascale"``
-            (gain for SGD, sqrt(gain) for Adam; ``apply`` then needs ``gain``), or any
-            name in :data:`adabatch.control.rules.LR_RULES`.
+        lr_rule: ``"auto"`` (saturating: AdaScale gain for SGD, sqrt(gain) for the Adam
+            family; ``apply`` then reads ``gain``, and without one keeps the lr), ``"kappa"``
+            (linear for SGD, sqrt for the Adam family), ``"adascale"`` (the same as
+            ``"auto"``, by name), or any name in :data:`adabatch.control.rules.LR_RULES`.
         scale_betas: scale Adam's betas.
         scale_eps: scale Adam's eps.
         scale_weight_decay: scale decoupled weight decay.
+        max_lr_factor: a hard cap on the lr factor (``None``: none).
 
     Raises:
-        ValueError: on an unknown ``lr_rule``, or a rule that needs the family
-            (``"auto"``, ``"adascale"``) with an optimizer of unknown family.
+        ValueError: on an unknown ``lr_rule``, ``max_lr_factor < 1``, or a rule that needs
+            the family (``"auto"``, ``"adascale"``, ``"kappa"``) with an optimizer of
+            unknown family.
 
     Example::
 
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-        >>> scaler = OptimizerScaler(opt)
+        >>> scaler = OptimizerScaler(opt, lr_rule="kappa")
         >>> info = scaler.apply(4.0)           # e.g. in on_before_optimizer_step
         >>> opt.param_groups[0]["lr"], info["lr_factor"], info["weight_decay_factor"]
         (0.002, 2.0, 2.0)
@@ -122,18 +133,27 @@ class OptimizerScaler:
         scale_betas: bool = True,
         scale_eps: bool = True,
         scale_weight_decay: bool = True,
+        max_lr_factor: float | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
                 f"optimizer={type(optimizer).__name__} is not a torch.optim.Optimizer "
                 "(with Lightning, pass the wrapped one: lightning_optimizer.optimizer)"
             )
-        valid = ("auto", *rules.LR_RULES)
+        valid = ("auto", "kappa", *rules.LR_RULES)
         if lr_rule not in valid:
             raise ValueError(f"lr_rule={lr_rule!r} is not one of {list(valid)}")
+        if max_lr_factor is not None and (
+            isinstance(max_lr_factor, bool)
+            or not isinstance(max_lr_factor, (int, float))
+            or not math.isfinite(max_lr_factor)
+            or max_lr_factor < 1
+        ):
+            raise ValueError(f"max_lr_factor={max_lr_factor!r} must be a finite number >= 1")
+        self.max_lr_factor = None if max_lr_factor is None else float(max_lr_factor)
         self.optimizer = optimizer
         self.family = optimizer_family(optimizer)
-        if lr_rule in ("auto", "adascale"):
+        if lr_rule in ("auto", "adascale", "kappa"):
             if self.family is None:
                 raise ValueError(
                     f"lr_rule={lr_rule!r} needs a known optimizer family, but "
@@ -142,7 +162,7 @@ class OptimizerScaler:
                     f"({', '.join(c.__name__ for c in ADAM_FAMILY)}); pass an explicit "
                     f"lr_rule, one of {list(rules.LR_RULES)}"
                 )
-            table = _AUTO_RULE if lr_rule == "auto" else _ADASCALE_RULE
+            table = _KAPPA_RULE if lr_rule == "kappa" else _AUTO_RULE
             lr_rule = table[self.family]
         self.lr_rule = lr_rule
         adam = self.family == "adam"
@@ -151,6 +171,11 @@ class OptimizerScaler:
         self.scale_weight_decay = bool(scale_weight_decay) and adam
         self._saved: list[dict[str, Any]] | None = None
         self._handle = optimizer.register_step_post_hook(self._post_step)
+
+    @property
+    def needs_gain(self) -> bool:
+        """Whether :meth:`apply` uses the AdaScale gain (the noise statistics)."""
+        return self.lr_rule in ("adascale", "adascale_sqrt")
 
     @property
     def applied(self) -> bool:
@@ -186,6 +211,8 @@ class OptimizerScaler:
         if gain is None and self.lr_rule in ("adascale", "adascale_sqrt"):
             gain = 1.0
         lr_f = rules.lr_factor(kappa, self.lr_rule, gain)
+        if self.max_lr_factor is not None:
+            lr_f = min(lr_f, self.max_lr_factor)
         kappa = float(kappa)
         eps_f = 1.0 / math.sqrt(kappa)
         wd_f = rules.weight_decay_factor(kappa, lr_f)

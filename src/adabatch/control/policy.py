@@ -1,37 +1,52 @@
-"""Batch-size policies (what batch size to aim for) and the change discipline.
+"""Batch-size policies: what global batch size to aim for, and the discipline of changing it.
 
-A policy reads an :class:`Observation` and returns a target global batch size, or ``None``
-for "no opinion: keep the batch" (not enough information yet, or a monitor-only policy).
-The :class:`BatchSizeDecider` turns targets into actual changes: on the granularity grid,
-within bounds, with hysteresis, a minimum number of samples between changes and an optional
-never-decrease rule. Everything here is plain Python arithmetic on values that are identical on
-every rank (the estimator all-reduces its statistics first), so every rank decides the same.
+A policy is an object with one method to write, ``target(obs) -> float | None``: the global
+batch size it would like given an :class:`Observation` (``None``: no opinion, keep the
+batch). The base class :class:`Policy` turns targets into changes with one discipline for
+every policy: the :class:`BatchBounds` grid (bounds and granularity, owned by the callback
+and handed to the policy by :meth:`Policy.bind`), hysteresis, a minimum number of samples
+between changes, never-decrease (the default), a warm-up in samples, and a guard that
+reverts a change followed by a loss spike. Everything here is plain Python arithmetic on
+values that are identical on every rank, so every rank decides the same.
 
-Policies:
+Built-in policies (select one in a LightningCLI config by ``class_path``; a user's subclass
+works the same way):
 
-- ``noise``: ``B* = c * B_simple ** p`` (McCandlish et al. 2018);
-- ``goodput``: maximise throughput(B) / (1 + B / B_noise) (Pollux, Qiao et al. 2021);
-- ``ramp``: a linear ramp in samples (Megatron-LM's ``--rampup-batch-size``);
-- ``fixed``: monitor only.
+- :class:`CriticalBatchPolicy` (the default): follows the *measured* critical batch, its level
+  from branched probes (:mod:`adabatch.control.critical`), its shape between probes from the
+  noise scale, and grows like its square root (McCandlish et al. 2018, App. D);
+- :class:`NoisePolicy`: ``B = c * B_simple ** p``;
+- :class:`GoodputPolicy`: maximise throughput(B) / (1 + B / B_noise) (Pollux, Qiao et al. 2021);
+- :class:`RampPolicy`: a linear ramp in samples (Megatron-LM's ``--rampup-batch-size``);
+- :class:`FixedPolicy`: monitor only.
+
+Why the default is not ``B = c * B_noise``: in McCandlish et al.'s model a fixed batch and
+``B = c * B_noise`` (any ``c``) reach a given loss on the same trade-off curve
+``(S/S_min - 1)(E/E_min - 1) = 1`` (steps S, samples E), so such a policy cannot beat a
+well-chosen fixed batch; a schedule growing like ``sqrt(B_noise)`` reaches
+``gamma = <sqrt(B_noise)>^2 / <B_noise> < 1`` instead (docs/DESIGN.md, "What limits a
+policy's gain").
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from adabatch.control.critical import CriticalBatchProbe, ProbeResult
+
 __all__ = [
-    "POLICIES",
+    "BatchBounds",
     "BatchSizeDecider",
+    "CriticalBatchPolicy",
     "FixedPolicy",
     "GoodputPolicy",
     "NoisePolicy",
     "Observation",
     "Policy",
     "RampPolicy",
-    "make_policy",
+    "lower_bound",
 ]
 
 
@@ -46,6 +61,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number, not a bool")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -58,15 +75,20 @@ def _check_float(name: str, value: Any, minimum: float, *, strict: bool = False)
 
 @dataclass(frozen=True)
 class Observation:
-    """What a policy sees at a decision point.
+    """What a policy sees at a decision point (identical on every rank).
 
     Args:
         samples: examples trained on so far (global).
         steps: optimizer steps so far.
-        batch_size: current global batch size ``B``.
+        batch_size: global batch size ``B`` of the step just taken.
         gns: the gradient noise scale estimate ``B_simple`` (``None``: not available yet).
         gns_rel_std: the estimate's relative standard deviation (``None``: unknown).
         throughput: samples per second measured at ``batch_size`` (``None``: not measured).
+        loss: the training loss of the step just taken (``None``: not reported).
+        lr_factor: the user's LR schedule now, relative to its initial value (``None``:
+            unknown); scaling factors applied by adabatch are not included.
+        critical_batch: the critical batch measured by the latest branched probe
+            (``None``: none yet).
 
     Raises:
         ValueError: on negative ``samples``/``steps`` or ``batch_size < 1``.
@@ -83,6 +105,9 @@ class Observation:
     gns: float | None = None
     gns_rel_std: float | None = None
     throughput: float | None = None
+    loss: float | None = None
+    lr_factor: float | None = None
+    critical_batch: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("samples", self.samples, 0)
@@ -90,119 +115,554 @@ class Observation:
         _check_int("batch_size", self.batch_size, 1)
 
 
-class Policy:
-    """Base class: ``target(obs) -> float | None`` plus (empty) state.
+@dataclass(frozen=True)
+class BatchBounds:
+    """The grid of global batch sizes a run may use: multiples of ``granularity`` within
+    ``[min_batch_size, max_batch_size]``.
 
-    Subclasses holding state override :meth:`state_dict` / :meth:`load_state_dict`.
+    The granularity is the per-rank micro-batch times the world size (a global batch must
+    split evenly into micro-batches). Bounds that are not on the grid are rounded *inward*:
+    the minimum up, the maximum down, so the run never goes below or above what was asked.
+
+    Raises:
+        ValueError: on a value < 1 (or a bool), ``min > max``, or no grid point within the
+            bounds (naming the values).
+
+    Example::
+
+        >>> b = BatchBounds(6, 100, granularity=4)
+        >>> b.lo, b.hi, b.round(47.0), b.round(1e9)
+        (8, 100, 48, 100)
     """
 
-    name: str = "policy"
+    min_batch_size: int
+    max_batch_size: int
+    granularity: int = 1
 
+    def __post_init__(self) -> None:
+        _check_int("min_batch_size", self.min_batch_size, 1)
+        _check_int("max_batch_size", self.max_batch_size, 1)
+        _check_int("granularity", self.granularity, 1)
+        if self.min_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"min_batch_size={self.min_batch_size} must be <= "
+                f"max_batch_size={self.max_batch_size}"
+            )
+        if self.lo > self.hi:
+            raise ValueError(
+                f"no multiple of granularity={self.granularity} (micro-batch x world size) "
+                f"lies in [min_batch_size={self.min_batch_size}, "
+                f"max_batch_size={self.max_batch_size}]"
+            )
+
+    @property
+    def lo(self) -> int:
+        """The smallest grid point >= ``min_batch_size``."""
+        return -(-self.min_batch_size // self.granularity) * self.granularity
+
+    @property
+    def hi(self) -> int:
+        """The largest grid point <= ``max_batch_size``."""
+        return self.max_batch_size // self.granularity * self.granularity
+
+    def round(self, target: float) -> int:
+        """Clip ``target`` to the bounds and round it (half up) to the grid."""
+        g = self.granularity
+        t = min(max(float(target), self.lo), self.hi)
+        return min(max(math.floor(t / g + 0.5) * g, self.lo), self.hi)
+
+
+class BatchSizeDecider:
+    """Turns a target into the next global batch size, with discipline.
+
+    ``decide(target, current, samples)``:
+
+    1. ``None`` or a non-finite target keeps ``current``;
+    2. the target is clipped to the bounds and rounded (half up) to the grid;
+    3. with ``never_decrease``, a smaller result keeps ``current``;
+    4. the batch changes only when ``|target / current - 1| > hysteresis`` (judged on the
+       unrounded target: a target on a rounding boundary would otherwise flip between two
+       grid points) and the target lies past the midpoint between ``current`` and the new
+       grid point by ``hysteresis * granularity`` (a grid coarser than the hysteresis would
+       otherwise alternate 16, 32, 16, 32 around a target of 24), and at least
+       ``min_samples_between_changes`` samples have passed since the last change. Two
+       exceptions: a ``current`` outside the bounds is always moved inside, and a target at
+       or beyond a bound skips the hysteresis (a bound is a stable answer, not noise).
+
+    Pure given its state (the sample count at the last change), so the same inputs on
+    every rank give the same decision.
+
+    Example::
+
+        >>> d = BatchSizeDecider(BatchBounds(32, 1024, granularity=32), hysteresis=0.2,
+        ...                      never_decrease=False)
+        >>> d.decide(300.0, current=64, samples=1000)
+        288
+        >>> d.decide(310.0, current=288, samples=2000)  # +7.6%: within hysteresis
+        288
+        >>> d.decide(None, current=288, samples=3000)
+        288
+        >>> d.decide(1e9, current=288, samples=4000)
+        1024
+    """
+
+    def __init__(
+        self,
+        bounds: BatchBounds,
+        hysteresis: float = 0.2,
+        min_samples_between_changes: int = 0,
+        never_decrease: bool = True,
+    ) -> None:
+        if not isinstance(bounds, BatchBounds):
+            raise ValueError(f"bounds={bounds!r} must be a BatchBounds")
+        self.bounds = bounds
+        self.hysteresis = _check_float("hysteresis", hysteresis, 0.0)
+        self.min_samples_between_changes = _check_int(
+            "min_samples_between_changes", min_samples_between_changes, 0
+        )
+        self.never_decrease = bool(never_decrease)
+        self.last_change_samples = 0
+        self.num_changes = 0
+
+    def decide(self, target: float | None, current: int, samples: int) -> int:
+        """The batch size to use from now on (see the class docstring).
+
+        Raises:
+            ValueError: on ``current < 1``, ``samples < 0``, or ``samples`` before the last
+                change (a state_dict that does not belong to this run).
+        """
+        _check_int("current", current, 1)
+        _check_int("samples", samples, 0)
+        if samples < self.last_change_samples:
+            raise ValueError(
+                f"samples={samples} is before the last change at "
+                f"{self.last_change_samples} samples; restore the decider's state_dict "
+                "together with the sample counter"
+            )
+        if target is None or not math.isfinite(float(target)):
+            return current
+        b = self.bounds
+        new = b.round(target)
+        if new == current:
+            return current
+        out_of_bounds = not b.lo <= current <= b.hi
+        at_bound = not b.lo < target < b.hi
+        if not out_of_bounds:
+            if self.never_decrease and new < current:
+                return current
+            if not at_bound:
+                if abs(float(target) / current - 1.0) <= self.hysteresis:
+                    return current
+                # Past the rounding midpoint by a margin, like a Schmitt trigger: on a grid
+                # coarser than the hysteresis a target near 24 on a grid of 16 would
+                # otherwise alternate 16, 32, 16, 32 (measured on a user's run).
+                margin = 0.5 * abs(new - current) + self.hysteresis * b.granularity
+                if abs(float(target) - current) <= margin:
+                    return current
+            if samples - self.last_change_samples < self.min_samples_between_changes:
+                return current
+        self.last_change_samples = samples
+        self.num_changes += 1
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        """``last_change_samples`` and ``num_changes``."""
+        return {"last_change_samples": self.last_change_samples, "num_changes": self.num_changes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (missing keys take their defaults)."""
+        self.last_change_samples = _check_int(
+            "decider.last_change_samples", state.get("last_change_samples", 0), 0
+        )
+        self.num_changes = _check_int("decider.num_changes", state.get("num_changes", 0), 0)
+
+
+class Policy:
+    """Base class of batch-size policies: write :meth:`target`; the discipline is here.
+
+    Args:
+        hysteresis: relative change (of the target, and of the grid step) below which the
+            batch is kept.
+        min_samples_between_changes: samples that must pass between two changes.
+        never_decrease: never shrink the batch (except the spike guard's revert).
+        warmup_samples: no decision before this many samples.
+        spike_factor: revert a batch increase when, within ``spike_window_steps`` steps
+            after it, the smoothed training loss exceeds ``spike_factor`` x its value
+            before the change; further increases then wait until the sample count has
+            doubled. ``None`` disables the guard.
+        spike_window_steps: how long after a change the guard watches.
+
+    Subclasses holding state override :meth:`state_dict`/:meth:`load_state_dict` (calling
+    ``super()``), and :meth:`bind` to read the bounds.
+
+    Example::
+
+        >>> class Double(Policy):
+        ...     def target(self, obs):
+        ...         return 2.0 * obs.batch_size
+        >>> p = Double(hysteresis=0.0)
+        >>> p.bind(BatchBounds(8, 64, granularity=8))
+        >>> p.decide(Observation(800, 100, 8), current=8)
+        16
+    """
+
+    def __init__(
+        self,
+        *,
+        hysteresis: float = 0.2,
+        min_samples_between_changes: int = 0,
+        never_decrease: bool = True,
+        warmup_samples: int = 0,
+        spike_factor: float | None = 1.5,
+        spike_window_steps: int = 50,
+    ) -> None:
+        self.hysteresis = _check_float("hysteresis", hysteresis, 0.0)
+        self.min_samples_between_changes = _check_int(
+            "min_samples_between_changes", min_samples_between_changes, 0
+        )
+        if not isinstance(never_decrease, bool):
+            raise ValueError(f"never_decrease={never_decrease!r} must be a bool")
+        self.never_decrease = never_decrease
+        self.warmup_samples = _check_int("warmup_samples", warmup_samples, 0)
+        self.spike_factor = (
+            None
+            if spike_factor is None
+            else _check_float("spike_factor", spike_factor, 1.0, strict=True)
+        )
+        self.spike_window_steps = _check_int("spike_window_steps", spike_window_steps, 1)
+        self.bounds: BatchBounds | None = None
+        self._decider: BatchSizeDecider | None = None
+        self._loss_ema: float | None = None
+        self._guard: dict[str, float] | None = None  # the change being watched
+        self._hold_until_samples = 0  # no increase before this (after a revert)
+        self.reverts = 0
+
+    # -------------------------------------------------------------- what subclasses write
     def target(self, obs: Observation) -> float | None:  # pragma: no cover - interface
         """Target global batch size, or ``None`` to keep the current one."""
         raise NotImplementedError
 
+    def bind(self, bounds: BatchBounds) -> None:
+        """Start a run within ``bounds``: the callback calls it at the first batch of every
+        fit (so one instance can fit twice); run state is reset here."""
+        self.bounds = bounds
+        self._loss_ema = None
+        self._guard = None
+        self._hold_until_samples = 0
+        self.reverts = 0
+        self._decider = BatchSizeDecider(
+            bounds,
+            hysteresis=self.hysteresis,
+            min_samples_between_changes=self.min_samples_between_changes,
+            never_decrease=self.never_decrease,
+        )
+
+    @property
+    def probe(self) -> CriticalBatchProbe | None:
+        """A branched critical-batch probe the callback should run for this policy."""
+        return None
+
+    def observe_probe(self, result: ProbeResult) -> None:
+        """Receive a finished probe's result (policies with a :attr:`probe`)."""
+
+    # -------------------------------------------------------------- the discipline
+    def decide(self, obs: Observation, current: int) -> int:
+        """The global batch size from now on, given the last step and the batch in force.
+
+        Raises:
+            RuntimeError: before :meth:`bind`.
+        """
+        if self._decider is None:
+            raise RuntimeError(f"{type(self).__name__}.decide() called before bind(bounds)")
+        reverted = self._watch_loss(obs, current)
+        if reverted is not None:
+            return reverted
+        if obs.samples < self.warmup_samples:
+            return current
+        target = self.target(obs)
+        if target is not None and obs.samples < self._hold_until_samples:
+            target = min(float(target), float(current))
+        new = self._decider.decide(target, current, obs.samples)
+        if new > current and self.spike_factor is not None and self._loss_ema is not None:
+            self._guard = {"from": current, "loss": self._loss_ema, "until": obs.steps
+                           + self.spike_window_steps}
+        return new
+
+    def _watch_loss(self, obs: Observation, current: int) -> int | None:
+        """Smooth the loss; return the batch to revert to after a spike, else ``None``."""
+        if obs.loss is None or not math.isfinite(obs.loss):
+            return None
+        beta = 0.9  # ~10-step smoothing: one noisy batch is not a spike
+        ema = obs.loss if self._loss_ema is None else beta * self._loss_ema + (1 - beta) * obs.loss
+        self._loss_ema = ema
+        guard = self._guard
+        if guard is None or self.spike_factor is None:
+            return None
+        if obs.steps > guard["until"]:
+            self._guard = None
+            return None
+        before = guard["loss"]
+        if ema - before <= (self.spike_factor - 1.0) * abs(before):
+            return None
+        self._guard = None
+        self._hold_until_samples = 2 * obs.samples
+        self.reverts += 1
+        assert self._decider is not None
+        self._decider.last_change_samples = obs.samples
+        self._decider.num_changes += 1
+        return min(int(guard["from"]), current)
+
+    # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """State to checkpoint (empty for stateless policies)."""
-        return {}
+        """The decider's and the spike guard's state (subclasses add theirs)."""
+        return {
+            "decider": None if self._decider is None else self._decider.state_dict(),
+            "loss_ema": self._loss_ema,
+            "guard": None if self._guard is None else dict(self._guard),
+            "hold_until_samples": self._hold_until_samples,
+            "reverts": self.reverts,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
+        """Restore :meth:`state_dict` output (call after :meth:`bind`).
+
+        Raises:
+            ValueError: naming a field of the wrong type or range.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"policy state={state!r} must be a dict")
+        if state.get("decider") is not None and self._decider is not None:
+            self._decider.load_state_dict(state["decider"])
+        loss = state.get("loss_ema")
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))
+                                 or not math.isfinite(loss)):
+            raise ValueError(f"policy.loss_ema={loss!r} must be a finite number or None")
+        self._loss_ema = None if loss is None else float(loss)
+        guard = state.get("guard")
+        if guard is not None and not (isinstance(guard, dict)
+                                      and set(guard) == {"from", "loss", "until"}):
+            raise ValueError(f"policy.guard={guard!r} must be None or from/loss/until")
+        self._guard = None if guard is None else dict(guard)
+        self._hold_until_samples = _check_int(
+            "policy.hold_until_samples", state.get("hold_until_samples", 0), 0
+        )
+        self.reverts = _check_int("policy.reverts", state.get("reverts", 0), 0)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and k not in ("bounds", "reverts"))
         return f"{type(self).__name__}({args})"
 
 
-def _trusted(obs: Observation, max_rel_std: float | None) -> bool:
-    """The gns estimate exists, is finite and > 0, and (if asked) is precise enough."""
-    if not _finite_positive(obs.gns):
-        return False
-    if max_rel_std is None:
-        return True
-    rel = obs.gns_rel_std
-    return rel is not None and math.isfinite(rel) and rel <= max_rel_std
+def lower_bound(gns: float | None, rel_std: float | None, confidence: float) -> float | None:
+    """``B_simple / (1 + z * rel_std)``, or ``None`` while the estimate is unusable.
+
+    Example::
+
+        >>> lower_bound(300.0, 0.25, 2.0), lower_bound(300.0, None, 2.0)
+        (200.0, None)
+    """
+    if not _finite_positive(gns):
+        return None
+    gns = float(gns)  # type: ignore[arg-type]
+    if confidence > 0:
+        if rel_std is None or not math.isfinite(rel_std):
+            return None
+        gns /= 1.0 + confidence * rel_std
+    return gns
+
+
+def _lower_bound(obs: Observation, confidence: float) -> float | None:
+    return lower_bound(obs.gns, obs.gns_rel_std, confidence)
+
+
+class CriticalBatchPolicy(Policy):
+    """Follow the measured critical batch, growing like its square root (the default).
+
+    The noise scale ``B_simple`` tracks the *shape* of the critical batch's growth but not
+    its level (measured ``B_crit / B_simple`` from 0.12 to 10 across tasks, docs/DESIGN.md).
+    A branched probe (:class:`~adabatch.control.critical.CriticalBatchProbe`) measures the
+    level: it replays a window of training at ``k x B`` and compares the progress with the
+    main run's. Between probes the critical batch is ``B_crit(t) = rho * B_simple_lcb(t)``
+    with ``rho`` the geometric mean of the probes' ``B_crit / B_simple_lcb`` (each probe
+    weighted by ``calibration_weight`` against the older ones), ``B_simple_lcb`` the lower
+    confidence bound ``B_simple / (1 + z rel_std)``.
+
+    The target is ``min(max_fraction * B_crit, B_min ** (1 - p) * B_crit ** p)`` with
+    ``p = exponent`` (0.5: McCandlish et al. 2018, App. D: the step-optimal schedule at a
+    fixed data overhead grows like ``sqrt(B_noise)``), ``B_min`` the bottom of the bounds
+    (the batch the run starts at). With ``p = 0.5`` the batch is the geometric mean of the
+    starting batch and the critical batch: it stays at ``B_min`` while the critical batch is
+    there, and grows ``10x`` when the critical batch grows ``100x``. ``max_fraction`` keeps
+    it below the critical batch, where a larger batch stops saving steps.
+
+    No target (``None``: keep the batch) before the first conclusive probe.
+
+    Args:
+        exponent: ``p`` in ``(0, 1]``.
+        max_fraction: cap on ``B / B_crit`` in ``(0, 1]``.
+        confidence: ``z >= 0`` of the lower confidence bound on ``B_simple``.
+        calibration_weight: weight of a new probe in the log-mean of ``rho`` in ``(0, 1]``.
+        probe: the branched probe's settings (``None``: the defaults).
+        **discipline: :class:`Policy`'s arguments.
+
+    Example::
+
+        >>> from adabatch.control.critical import ProbeResult
+        >>> p = CriticalBatchPolicy(confidence=0.0)
+        >>> p.bind(BatchBounds(16, 4096, granularity=16))
+        >>> o = Observation(1000, 60, 16, gns=100.0, gns_rel_std=0.1)
+        >>> p.target(o) is None          # no probe yet
+        True
+        >>> p.observe_probe(ProbeResult(samples=1000, batch_size=16, factor=2,
+        ...                             progress=1.0, branch_progress=0.75, gns=100.0))
+        >>> p.rho                        # B_crit = 16 (2 * 0.75 - 1) / 0.25 = 32
+        0.32
+        >>> p.target(o)                  # min(0.5 * 32, sqrt(16 * 32))
+        16.0
+    """
+
+    def __init__(
+        self,
+        exponent: float = 0.5,
+        max_fraction: float = 0.5,
+        confidence: float = 2.0,
+        calibration_weight: float = 0.5,
+        probe: CriticalBatchProbe | None = None,
+        **discipline: Any,
+    ) -> None:
+        super().__init__(**discipline)
+        self.exponent = _check_float("exponent", exponent, 0.0, strict=True)
+        if self.exponent > 1.0:
+            raise ValueError(f"exponent={exponent!r} must be in (0, 1]")
+        self.max_fraction = _check_float("max_fraction", max_fraction, 0.0, strict=True)
+        if self.max_fraction > 1.0:
+            raise ValueError(f"max_fraction={max_fraction!r} must be in (0, 1]")
+        self.confidence = _check_float("confidence", confidence, 0.0)
+        self.calibration_weight = _check_float(
+            "calibration_weight", calibration_weight, 0.0, strict=True
+        )
+        if self.calibration_weight > 1.0:
+            raise ValueError(f"calibration_weight={calibration_weight!r} must be in (0, 1]")
+        if probe is not None and not isinstance(probe, CriticalBatchProbe):
+            raise ValueError(f"probe={probe!r} must be a CriticalBatchProbe or None")
+        self._probe = probe if probe is not None else CriticalBatchProbe()
+        self._log_rho: float | None = None
+        self.results: list[ProbeResult] = []
+
+    @property
+    def probe(self) -> CriticalBatchProbe:
+        return self._probe
+
+    def bind(self, bounds: BatchBounds) -> None:
+        super().bind(bounds)
+        self._log_rho = None
+        self.results = []
+
+    @property
+    def rho(self) -> float | None:
+        """The calibration ``B_crit / B_simple_lcb`` (``None`` before a conclusive probe)."""
+        return None if self._log_rho is None else math.exp(self._log_rho)
+
+    def critical_batch(self, obs: Observation) -> float | None:
+        """``rho * B_simple_lcb`` now, or ``None``."""
+        lcb = _lower_bound(obs, self.confidence)
+        if self._log_rho is None or lcb is None:
+            return None
+        return math.exp(self._log_rho) * lcb
+
+    def observe_probe(self, result: ProbeResult) -> None:
+        self.results.append(result)
+        crit = result.critical_batch
+        lcb = lower_bound(result.gns, result.gns_rel_std, self.confidence)
+        if crit is None or lcb is None:
+            return  # inconclusive: keep the calibration
+        # An unbounded answer (kB did at least as well as B) says only "well above kB":
+        # credit the largest level one probe at this batch can resolve; a zero one "below
+        # B": credit B / factor.
+        crit = min(max(crit, result.batch_size / result.factor), result.resolvable)
+        log_rho = math.log(crit / lcb)
+        w = self.calibration_weight
+        self._log_rho = log_rho if self._log_rho is None else (
+            (1 - w) * self._log_rho + w * log_rho
+        )
+
+    def target(self, obs: Observation) -> float | None:
+        crit = self.critical_batch(obs)
+        if crit is None:
+            return None
+        assert self.bounds is not None
+        shaped = self.bounds.lo ** (1.0 - self.exponent) * crit**self.exponent
+        return min(self.max_fraction * crit, shaped)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["log_rho"] = self._log_rho
+        state["results"] = [r.to_dict() for r in self.results]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        log_rho = state.get("log_rho")
+        if log_rho is not None and (isinstance(log_rho, bool)
+                                    or not isinstance(log_rho, (int, float))
+                                    or not math.isfinite(log_rho)):
+            raise ValueError(f"policy.log_rho={log_rho!r} must be a finite number or None")
+        results = state.get("results", [])
+        if not isinstance(results, list):
+            raise ValueError(f"policy.results={results!r} must be a list")
+        self.results = [ProbeResult.from_dict(r) for r in results]
+        self._log_rho = None if log_rho is None else float(log_rho)
 
 
 class NoisePolicy(Policy):
-    """``B* = scale * B_simple ** exponent`` (McCandlish et al. 2018).
+    """``B* = scale * B_simple_lcb ** exponent`` (McCandlish et al. 2018).
 
     With ``exponent=1`` McCandlish's trade-off ``(S/S_min - 1)(E/E_min - 1) = 1`` says
     ``B = c * B_noise`` costs ``(1 + 1/c)`` x the minimal number of steps and ``(1 + c)`` x
-    the minimal number of samples: ``c = 1`` doubles both; smaller ``c`` saves data, larger
-    saves steps. The exact ``B_simple`` overstated the best batch of a sweep by 2.5-8x on
-    digits (DESIGN.md), so treat ``c`` as something to calibrate (0.1-0.4 there).
+    the minimal number of samples, the same curve as a fixed batch: it cannot beat a tuned
+    fixed batch. With ``exponent=0.5`` the batch grows like ``sqrt(B_noise)`` (App. D),
+    ``scale`` then carries units of sqrt(samples) (``c = B_0 / sqrt(B_noise_0)`` starts at
+    ``B_0``). The level of ``B_simple`` is not the critical batch (docs/DESIGN.md):
+    :class:`CriticalBatchPolicy` measures it.
 
-    With ``exponent=0.5`` the batch grows like ``sqrt(B_noise)``, McCandlish et al.'s App. D
-    step-optimal adaptive schedule. ``scale`` then carries units of sqrt(samples) (e.g.
-    ``c = B_0 / sqrt(B_noise_0)`` to start at ``B_0``). Its benefit is bounded: with
-    ``gamma = <sqrt(B_noise)>^2 / <B_noise>`` over training, the trade-off becomes
-    ``(S/S_min - 1)(E/E_min - 1) = gamma`` instead of 1 (about 26% fewer steps at 10% extra
-    samples for a 100x growth of B_noise, 9% for 10x), and a square-root schedule reacts
-    less to a noisy estimate.
-
-    A confidence ``z > 0`` acts on a lower bound of the estimate, ``B_simple / (1 + z r)``
-    with ``r`` its relative standard error, instead of refusing to act while ``r`` is large.
-    The relative error of the ``|G|^2`` estimate grows like ``B_noise / B`` (per step), so a
-    gate on ``r`` holds the batch small exactly while it lies far below ``B_noise``
-    (benchmarks/RESULTS.md, time_to_target); a lower bound still grows it, cautiously.
+    The target uses a lower confidence bound ``B_simple / (1 + z r)`` with ``r`` the
+    estimate's relative standard error (``z = confidence``; ``0`` uses the estimate as is):
+    a gate on ``r`` would hold the batch small exactly while it lies far below ``B_noise``.
 
     Args:
         scale: ``c > 0``.
         exponent: ``p`` in ``(0, 1]``.
-        max_rel_std: ``None`` (return ``None``: not trustworthy yet) when the estimate's
-            relative std is above this or unknown; ``None`` disables the check.
-        confidence: ``z >= 0``; with ``z > 0`` the target uses the lower bound above and is
-            ``None`` while the relative std is unknown.
-
-    Raises:
-        ValueError: on ``scale <= 0``, ``exponent`` outside ``(0, 1]``, ``max_rel_std < 0``
-            or ``confidence < 0``.
+        confidence: ``z >= 0``.
+        **discipline: :class:`Policy`'s arguments.
 
     Example::
 
-        >>> p = NoisePolicy(scale=0.25)
-        >>> p.target(Observation(6400, 100, 64, gns=1024.0, gns_rel_std=0.1))
-        256.0
-        >>> p.target(Observation(6400, 100, 64, gns=1024.0, gns_rel_std=2.0)) is None
-        True
-        >>> NoisePolicy(scale=8.0, exponent=0.5).target(Observation(0, 0, 64, gns=1024.0,
-        ...                                                          gns_rel_std=0.0))
-        256.0
-        >>> lcb = NoisePolicy(scale=0.25, max_rel_std=None, confidence=2.0)
-        >>> lcb.target(Observation(6400, 100, 64, gns=1024.0, gns_rel_std=1.5))  # 1024 / 4
+        >>> p = NoisePolicy(scale=0.25, confidence=2.0)
+        >>> p.target(Observation(6400, 100, 64, gns=1024.0, gns_rel_std=1.5))  # 1024 / 4
         64.0
+        >>> NoisePolicy(scale=8.0, exponent=0.5, confidence=0.0).target(
+        ...     Observation(0, 0, 64, gns=1024.0))
+        256.0
     """
-
-    name = "noise"
 
     def __init__(
         self,
-        scale: float = 1.0,
+        scale: float = 0.25,
         exponent: float = 1.0,
-        max_rel_std: float | None = 0.5,
-        confidence: float = 0.0,
+        confidence: float = 2.0,
+        **discipline: Any,
     ) -> None:
+        super().__init__(**discipline)
         self.scale = _check_float("scale", scale, 0.0, strict=True)
         self.exponent = _check_float("exponent", exponent, 0.0, strict=True)
         if self.exponent > 1.0:
             raise ValueError(f"exponent={exponent!r} must be in (0, 1]")
-        self.max_rel_std = (
-            None if max_rel_std is None else _check_float("max_rel_std", max_rel_std, 0.0)
-        )
         self.confidence = _check_float("confidence", confidence, 0.0)
 
     def target(self, obs: Observation) -> float | None:
-        """``scale * gns ** exponent``, or ``None`` while the estimate is not trustworthy."""
-        if not _trusted(obs, self.max_rel_std):
-            return None
-        gns = float(obs.gns)  # type: ignore[arg-type]
-        if self.confidence > 0:
-            rel = obs.gns_rel_std
-            if rel is None or not math.isfinite(rel):
-                return None
-            gns /= 1.0 + self.confidence * rel
-        return self.scale * gns**self.exponent
+        lcb = _lower_bound(obs, self.confidence)
+        return None if lcb is None else self.scale * lcb**self.exponent
 
 
 class GoodputPolicy(Policy):
@@ -212,63 +672,44 @@ class GoodputPolicy(Policy):
     to a tiny batch (McCandlish et al. 2018). Throughput is learned online: each observation
     adds a step time ``t = B / throughput`` to a per-batch-size moving average, and
     ``t(B) = a + b * B`` is fitted by least squares with ``a, b >= 0`` (one point per
-    observed batch size). Then goodput ``B / (a + b B) * B_n / (B_n + B)`` has its maximum at
-    ``B* = sqrt(a * B_noise / b)`` (set the derivative of its log to zero), and the best
-    point of the granularity grid is one of the two grid points around it.
+    observed batch size). Goodput ``B / (a + b B) * B_n / (B_n + B)`` has its maximum at
+    ``B* = sqrt(a * B_noise / b)``; the best point of the grid is one of the two around it.
 
-    Exploration: with a single observed batch size ``a`` and ``b`` cannot be told apart, and
-    the prior is perfect scaling (``b = 0``), so goodput rises with ``B``; the search is
-    capped at ``explore_factor`` times the largest batch observed so far at every step, so
-    the policy grows by at most that factor before it has measured the new size.
-
-    Under DDP the throughput must be the same number on every rank (all-reduce or broadcast
-    it before building the :class:`Observation`): a per-rank wall-clock measurement would
-    make ranks decide different batch sizes.
+    Exploration: with a single observed batch size the prior is perfect scaling (``b = 0``),
+    so the search is capped at ``explore_factor`` times the largest batch observed so far.
+    Throughput is wall-clock: runs are not reproducible step for step under this policy.
 
     Args:
-        min_batch_size, max_batch_size, granularity: the candidate grid (multiples of
-            ``granularity`` within the bounds, rounded inward).
         explore_factor: cap on the target relative to the largest observed batch (> 1).
         smoothing: weight of the old value in each batch size's step-time average, in
-            ``[0, 1)`` (the first measurement is taken as is).
-        max_rel_std: as in :class:`NoisePolicy`.
-
-    Raises:
-        ValueError: on bad bounds (see :class:`BatchSizeDecider`), ``explore_factor <= 1``
-            or ``smoothing`` outside ``[0, 1)``.
+            ``[0, 1)``.
+        confidence: ``z`` of the lower confidence bound on ``B_simple`` (as NoisePolicy).
+        **discipline: :class:`Policy`'s arguments.
 
     Example::
 
-        >>> p = GoodputPolicy(min_batch_size=32, max_batch_size=4096, granularity=32)
+        >>> p = GoodputPolicy(confidence=0.0)
+        >>> p.bind(BatchBounds(32, 4096, granularity=32))
         >>> # time per step 0.1 s at both sizes: perfect scaling -> grow (by <= 2x)
-        >>> p.target(Observation(0, 0, 64, gns=10_000.0, gns_rel_std=0.1, throughput=640.0))
+        >>> p.target(Observation(0, 0, 64, gns=10_000.0, throughput=640.0))
         128.0
-        >>> p.target(Observation(6400, 100, 128, gns=10_000.0, gns_rel_std=0.1,
-        ...                      throughput=1280.0))
+        >>> p.target(Observation(6400, 100, 128, gns=10_000.0, throughput=1280.0))
         256.0
     """
 
-    name = "goodput"
-
     def __init__(
         self,
-        min_batch_size: int = 1,
-        max_batch_size: int = 1 << 20,
-        granularity: int = 1,
         explore_factor: float = 2.0,
         smoothing: float = 0.5,
-        max_rel_std: float | None = 0.5,
+        confidence: float = 2.0,
+        **discipline: Any,
     ) -> None:
-        self.min_batch_size, self.max_batch_size, self.granularity = _grid_bounds(
-            min_batch_size, max_batch_size, granularity
-        )
+        super().__init__(**discipline)
         self.explore_factor = _check_float("explore_factor", explore_factor, 1.0, strict=True)
         self.smoothing = _check_float("smoothing", smoothing, 0.0)
         if self.smoothing >= 1.0:
             raise ValueError(f"smoothing={smoothing!r} must be in [0, 1)")
-        self.max_rel_std = (
-            None if max_rel_std is None else _check_float("max_rel_std", max_rel_std, 0.0)
-        )
+        self.confidence = _check_float("confidence", confidence, 0.0)
         self._step_time: dict[int, float] = {}
 
     def observe(self, batch_size: int, throughput: float) -> None:
@@ -310,18 +751,17 @@ class GoodputPolicy(Policy):
         return batch_size / (a + b * batch_size) / (1.0 + batch_size / gns)
 
     def target(self, obs: Observation) -> float | None:
-        """Record ``obs.throughput``, then the goodput-optimal batch on the grid (or None)."""
         if obs.throughput is not None:
             self.observe(obs.batch_size, obs.throughput)
         model = self.step_time_model()
-        if model is None or not _trusted(obs, self.max_rel_std):
+        gns = _lower_bound(obs, self.confidence)
+        if model is None or gns is None:
             return None
+        assert self.bounds is not None, "bind(bounds) first"
         a, b = model
-        gns = float(obs.gns)  # type: ignore[arg-type]
-        g = self.granularity
-        hi = min(self.max_batch_size, self.explore_factor * max(self._step_time))
-        hi = max(self.min_batch_size, math.floor(hi / g) * g)
-        lo = self.min_batch_size
+        g, lo = self.bounds.granularity, self.bounds.lo
+        hi = min(self.bounds.hi, self.explore_factor * max(self._step_time))
+        hi = max(lo, math.floor(hi / g) * g)
         best = math.inf if b == 0 else math.sqrt(a * gns / b)
         best = min(max(best, lo), hi)
         below = max(lo, math.floor(best / g) * g)
@@ -329,12 +769,18 @@ class GoodputPolicy(Policy):
         return float(max((below, above), key=lambda x: (self.goodput(x, gns), -x)))
 
     def state_dict(self) -> dict[str, Any]:
-        """The step-time averages as ``[[batch_size, seconds], ...]``."""
-        return {"step_time": [[k, v] for k, v in sorted(self._step_time.items())]}
+        state = super().state_dict()
+        state["step_time"] = [[k, v] for k, v in sorted(self._step_time.items())]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        self._step_time = {int(k): float(v) for k, v in state.get("step_time", [])}
+        super().load_state_dict(state)
+        try:
+            self._step_time = {int(k): float(v) for k, v in state.get("step_time", [])}
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"policy.step_time={state.get('step_time')!r} must be [[batch, seconds], ...]"
+            ) from None
 
 
 class RampPolicy(Policy):
@@ -343,10 +789,8 @@ class RampPolicy(Policy):
     As Megatron-LM's ``--rampup-batch-size start increment ramp_samples``: with an
     ``increment`` the batch grows in steps of ``increment``, one every
     ``ramp_samples / ((end - start) / increment)`` samples; without one it is interpolated
-    linearly (and rounded by the decider). Counting samples, not steps, keeps the ramp's
-    shape whatever the batch does. The decider's hysteresis coarsens the ramp (steps of at
-    least that fraction; the end, a bound, is always reached); use ``hysteresis=0`` to follow
-    it exactly.
+    linearly (and rounded to the grid). The sizes default to the bounds. Hysteresis
+    coarsens the ramp (the default here is 0: follow it exactly).
 
     Raises:
         ValueError: on batch sizes < 1, ``ramp_samples < 0``, ``increment < 1`` or an
@@ -354,37 +798,57 @@ class RampPolicy(Policy):
 
     Example::
 
-        >>> p = RampPolicy(32, 64, ramp_samples=1000, increment=8)
+        >>> p = RampPolicy(ramp_samples=1000, start_batch_size=32, end_batch_size=64,
+        ...                increment=8)
         >>> [p.target(Observation(s, 0, 32)) for s in (0, 249, 250, 999, 1000, 5000)]
         [32.0, 32.0, 40.0, 56.0, 64.0, 64.0]
-        >>> RampPolicy(32, 64, ramp_samples=1000).target(Observation(500, 0, 32))
-        48.0
     """
-
-    name = "ramp"
 
     def __init__(
         self,
-        start_batch_size: int,
-        end_batch_size: int,
         ramp_samples: int,
+        start_batch_size: int | None = None,
+        end_batch_size: int | None = None,
         increment: int | None = None,
+        hysteresis: float = 0.0,
+        **discipline: Any,
     ) -> None:
-        self.start_batch_size = _check_int("start_batch_size", start_batch_size, 1)
-        self.end_batch_size = _check_int("end_batch_size", end_batch_size, 1)
+        super().__init__(hysteresis=hysteresis, **discipline)
         self.ramp_samples = _check_int("ramp_samples", ramp_samples, 0)
+        self.start_batch_size = (
+            None if start_batch_size is None
+            else _check_int("start_batch_size", start_batch_size, 1)
+        )
+        self.end_batch_size = (
+            None if end_batch_size is None else _check_int("end_batch_size", end_batch_size, 1)
+        )
         if increment is not None:
             _check_int("increment", increment, 1)
-            if (end_batch_size - start_batch_size) % increment:
-                raise ValueError(
-                    f"increment={increment} must divide end_batch_size - start_batch_size "
-                    f"= {end_batch_size - start_batch_size}"
-                )
         self.increment = increment
+        self._check_increment()
+
+    def _check_increment(self) -> None:
+        if self.increment is None or self.start_batch_size is None or self.end_batch_size is None:
+            return
+        span = self.end_batch_size - self.start_batch_size
+        if span % self.increment:
+            raise ValueError(
+                f"increment={self.increment} must divide end_batch_size - start_batch_size "
+                f"= {span}"
+            )
+
+    def bind(self, bounds: BatchBounds) -> None:
+        super().bind(bounds)
+        if self.start_batch_size is None:
+            self.start_batch_size = bounds.lo
+        if self.end_batch_size is None:
+            self.end_batch_size = bounds.hi
+        self._check_increment()
 
     def target(self, obs: Observation) -> float:
-        """The ramp's batch size after ``obs.samples`` samples."""
         start, end = self.start_batch_size, self.end_batch_size
+        if start is None or end is None:
+            raise RuntimeError("RampPolicy needs bind(bounds) or explicit start/end sizes")
         if obs.samples >= self.ramp_samples or start == end:
             return float(end)
         span = end - start
@@ -405,186 +869,5 @@ class FixedPolicy(Policy):
         True
     """
 
-    name = "fixed"
-
     def target(self, obs: Observation) -> None:
-        """Always ``None``."""
         return None
-
-
-#: Policy names accepted by :func:`make_policy`.
-POLICIES: dict[str, type[Policy]] = {
-    "noise": NoisePolicy,
-    "goodput": GoodputPolicy,
-    "ramp": RampPolicy,
-    "fixed": FixedPolicy,
-}
-
-
-def make_policy(name: str, **kwargs: Any) -> Policy:
-    """Build a policy by name (``noise``, ``goodput``, ``ramp``, ``fixed``).
-
-    Raises:
-        ValueError: on an unknown name (listing the valid ones) or an argument the policy
-            does not take (listing the ones it does).
-
-    Example::
-
-        >>> make_policy("noise", scale=0.2)
-        NoisePolicy(scale=0.2, exponent=1.0, max_rel_std=0.5, confidence=0.0)
-        >>> make_policy("nosie")
-        Traceback (most recent call last):
-        ...
-        ValueError: policy name='nosie' is not one of ['noise', 'goodput', 'ramp', 'fixed']
-    """
-    cls = POLICIES.get(name)
-    if cls is None:
-        raise ValueError(f"policy name={name!r} is not one of {list(POLICIES)}")
-    params = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ValueError(f"policy {name!r} does not take {unknown}; it takes {params}")
-    return cls(**kwargs)
-
-
-def _grid_bounds(min_batch_size: Any, max_batch_size: Any, granularity: Any) -> tuple[int, ...]:
-    """Validate bounds and round them inward to multiples of ``granularity``."""
-    _check_int("min_batch_size", min_batch_size, 1)
-    _check_int("max_batch_size", max_batch_size, 1)
-    _check_int("granularity", granularity, 1)
-    if min_batch_size > max_batch_size:
-        raise ValueError(
-            f"min_batch_size={min_batch_size} must be <= max_batch_size={max_batch_size}"
-        )
-    lo = -(-min_batch_size // granularity) * granularity
-    hi = max_batch_size // granularity * granularity
-    if lo > hi:
-        raise ValueError(
-            f"no multiple of granularity={granularity} lies in "
-            f"[min_batch_size={min_batch_size}, max_batch_size={max_batch_size}]"
-        )
-    return lo, hi, granularity
-
-
-class BatchSizeDecider:
-    """Turns a policy's target into the next global batch size, with discipline.
-
-    ``decide(target, current, samples)``:
-
-    1. ``None`` or a non-finite target keeps ``current``;
-    2. the target is clipped to the bounds and rounded (half up) to a multiple of
-       ``granularity`` (bounds are rounded inward to multiples of it);
-    3. with ``never_decrease``, a smaller result keeps ``current``;
-    4. the batch changes only when ``|target / current - 1| > hysteresis`` and at least
-       ``min_samples_between_changes`` samples have passed since the last change (or since
-       sample 0). Two exceptions: a ``current`` outside the bounds is always moved inside,
-       and a target at or beyond a bound skips the hysteresis (the bound is then a stable
-       answer, not noise; without this a batch at 0.9 x max would never reach max, nor a
-       ramp its end).
-
-    Pure given its state (the sample count at the last change), so the same inputs on
-    every rank give the same decision.
-
-    Raises:
-        ValueError: on bounds < 1, ``min > max``, no grid point within the bounds,
-            ``hysteresis < 0`` or ``min_samples_between_changes < 0``.
-
-    Example::
-
-        >>> d = BatchSizeDecider(32, 1024, granularity=32, hysteresis=0.2)
-        >>> d.decide(300.0, current=64, samples=1000)
-        288
-        >>> d.decide(310.0, current=288, samples=2000)  # +7.6%: within hysteresis
-        288
-        >>> d.decide(None, current=288, samples=3000)
-        288
-        >>> d.decide(1e9, current=288, samples=4000)
-        1024
-    """
-
-    def __init__(
-        self,
-        min_batch_size: int,
-        max_batch_size: int,
-        granularity: int = 1,
-        hysteresis: float = 0.2,
-        min_samples_between_changes: int = 0,
-        never_decrease: bool = False,
-    ) -> None:
-        self.min_batch_size, self.max_batch_size, self.granularity = _grid_bounds(
-            min_batch_size, max_batch_size, granularity
-        )
-        self.hysteresis = _check_float("hysteresis", hysteresis, 0.0)
-        self.min_samples_between_changes = _check_int(
-            "min_samples_between_changes", min_samples_between_changes, 0
-        )
-        self.never_decrease = bool(never_decrease)
-        self.last_change_samples = 0
-        self.num_changes = 0
-
-    def round(self, target: float) -> int:
-        """Clip ``target`` to the bounds and round it to the granularity grid.
-
-        Example::
-
-            >>> BatchSizeDecider(32, 1024, granularity=32).round(47.0)
-            32
-            >>> BatchSizeDecider(32, 1024, granularity=32).round(48.0)
-            64
-        """
-        g = self.granularity
-        t = min(max(float(target), self.min_batch_size), self.max_batch_size)
-        return min(max(math.floor(t / g + 0.5) * g, self.min_batch_size), self.max_batch_size)
-
-    def decide(self, target: float | None, current: int, samples: int) -> int:
-        """The batch size to use from now on (see the class docstring).
-
-        Raises:
-            ValueError: on ``current < 1``, ``samples < 0``, or ``samples`` before the last
-                change (a state_dict that does not belong to this run).
-        """
-        _check_int("current", current, 1)
-        _check_int("samples", samples, 0)
-        if samples < self.last_change_samples:
-            raise ValueError(
-                f"samples={samples} is before the last change at "
-                f"{self.last_change_samples} samples; restore the decider's state_dict "
-                "together with the sample counter"
-            )
-        if target is None or not math.isfinite(float(target)):
-            return current
-        new = self.round(target)
-        out_of_bounds = not self.min_batch_size <= current <= self.max_batch_size
-        at_bound = not self.min_batch_size < target < self.max_batch_size
-        if new == current:
-            return current
-        if not out_of_bounds:
-            if self.never_decrease and new < current:
-                return current
-            # Against the unrounded target: a target sitting on a rounding boundary would
-            # otherwise flip between two grid points, each one grid step (> hysteresis) away.
-            if not at_bound and abs(float(target) / current - 1.0) <= self.hysteresis:
-                return current
-            if samples - self.last_change_samples < self.min_samples_between_changes:
-                return current
-        self.last_change_samples = samples
-        self.num_changes += 1
-        return new
-
-    def state_dict(self) -> dict[str, Any]:
-        """``last_change_samples`` and ``num_changes``."""
-        return {"last_change_samples": self.last_change_samples, "num_changes": self.num_changes}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (missing keys take their defaults)."""
-        self.last_change_samples = int(state.get("last_change_samples", 0))
-        self.num_changes = int(state.get("num_changes", 0))
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(min_batch_size={self.min_batch_size}, "
-            f"max_batch_size={self.max_batch_size}, granularity={self.granularity}, "
-            f"hysteresis={self.hysteresis}, "
-            f"min_samples_between_changes={self.min_samples_between_changes}, "
-            f"never_decrease={self.never_decrease})"
-        )

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "LR_RULES",
+    "ScalingRules",
     "adascale_gain",
     "decay_from_half_life",
     "ema_decay",
@@ -39,6 +41,54 @@ __all__ = [
 
 #: Names accepted by :func:`lr_factor`.
 LR_RULES: tuple[str, ...] = ("linear", "sqrt", "adascale", "adascale_sqrt", "none")
+
+
+@dataclass(frozen=True)
+class ScalingRules:
+    """Which hyperparameters follow the batch size, and how (the callback's ``rules=``).
+
+    Args:
+        lr: ``"auto"`` (the default: AdaScale's gain for SGD, its square root for the Adam
+            family: the linear / square-root rules while the gradient is noise-dominated,
+            saturating at ``1 + B_noise / B_ref`` as the batch passes the noise scale, so
+            growing the batch does not push the lr past what the measured noise justifies),
+            ``"kappa"`` (plain linear / square-root rules of ``kappa = B / B_ref``), or one of
+            :data:`LR_RULES`.
+        betas: Adam's betas -> ``beta ** kappa``.
+        eps: Adam's eps -> ``eps / sqrt(kappa)``.
+        weight_decay: AdamW's decoupled weight decay keeps ``B / (lr * wd)``.
+        max_lr_factor: a hard cap on the lr factor (``None``: none).
+
+    Raises:
+        ValueError: naming a bad value.
+
+    Example::
+
+        >>> ScalingRules(lr="kappa", betas=False)
+        ScalingRules(lr='kappa', betas=False, eps=True, weight_decay=True, max_lr_factor=None)
+        >>> ScalingRules(lr="lin")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: lr='lin' is not one of ['auto', 'kappa', 'linear', ...]
+    """
+
+    lr: str = "auto"
+    betas: bool = True
+    eps: bool = True
+    weight_decay: bool = True
+    max_lr_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        valid = ["auto", "kappa", *LR_RULES]
+        if self.lr not in valid:
+            raise ValueError(f"lr={self.lr!r} is not one of {valid}")
+        for name in ("betas", "eps", "weight_decay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        m = self.max_lr_factor
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
+                              or not math.isfinite(m) or m < 1):
+            raise ValueError(f"max_lr_factor={m!r} must be a finite number >= 1 or None")
 
 
 def _check_kappa(kappa: float) -> float:

@@ -1,0 +1,132 @@
+"""The branched critical-batch probe inside real (CPU) Lightning runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_helpers import SamplerData, StepRecorder, model_near_optimum, trainer
+
+from adabatch import AdaptiveBatchSize
+from adabatch.control.critical import CriticalBatchProbe, critical_batch_from_ratio
+from adabatch.control.policy import CriticalBatchPolicy, FixedPolicy
+from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
+
+
+class ProbeOnly(FixedPolicy):
+    """Runs the probe but never changes the batch: isolates the probe's side effects."""
+
+    def __init__(self, probe: CriticalBatchProbe) -> None:
+        super().__init__()
+        self._probe = probe
+        self.results: list = []
+
+    @property
+    def probe(self) -> CriticalBatchProbe:
+        return self._probe
+
+    def observe_probe(self, result) -> None:
+        self.results.append(result)
+
+
+def _fit(tmp_path, policy, steps=120, accumulate=1, model=None, noise_std=1.0, **kw):
+    seed_everything(0)
+    model = model or LeastSquaresModel(dim=8, lr=0.05, init_scale=2.0)
+    data = LeastSquaresData(dim=8, batch_size=4, num_samples=4096, noise_std=noise_std)
+    cb = AdaptiveBatchSize(policy=policy, noise="per_example", ref_batch_size=4 * accumulate,
+                           half_life_samples=200, **kw)
+    rec = StepRecorder()
+    trainer(tmp_path, [cb, rec], max_steps=steps, accumulate_grad_batches=accumulate).fit(
+        model, data)
+    return model, cb, rec
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_probe_leaves_the_main_run_bit_identical(tmp_path, accumulate):
+    probe = CriticalBatchProbe(window_steps=4, eval_samples=32, max_overhead=0.5)
+    plain_model, _, plain_rec = _fit(tmp_path / "a", FixedPolicy(), accumulate=accumulate)
+    policy = ProbeOnly(probe)
+    model, cb, rec = _fit(tmp_path / "b", policy, accumulate=accumulate)
+    assert len(policy.results) >= 3, "the test needs probes to have run"
+    torch.testing.assert_close(model.linear.weight, plain_model.linear.weight, rtol=0, atol=0)
+    assert [r["lr"] for r in rec.rows] == [r["lr"] for r in plain_rec.rows]
+    assert [r["batch"] for r in rec.rows] == [r["batch"] for r in plain_rec.rows]
+    # the budget: probe compute within max_overhead of the samples trained
+    assert cb._branch.spent <= probe.max_overhead * cb.samples
+    assert cb._branch.spent == sum(r.cost for r in policy.results)
+    assert all(r.batch_size == 4 * accumulate for r in policy.results)
+
+
+def test_the_probe_sees_a_larger_critical_batch_near_the_optimum(tmp_path):
+    """Far from w* the gradient dominates (B_noise of order the dimension): doubling the
+    batch loses progress per sample (r well below 1). Near w* the noise dominates (B_noise in the thousands):
+    the same samples at 2B make the same progress (r -> 1). The probe must tell them apart."""
+    probe = CriticalBatchProbe(window_steps=8, eval_samples=128, max_overhead=1.0,
+                               refresh_samples_factor=1.01)
+
+    def ratios(model, noise_std=1.0):
+        policy = ProbeOnly(probe)
+        _fit(tmp_path, policy, steps=200, model=model, noise_std=noise_std)
+        return [r.ratio for r in policy.results if r.ratio is not None]
+
+    far = ratios(LeastSquaresModel(dim=8, lr=0.01, init_scale=20.0, noise_std=0.01), 0.01)
+    near = ratios(model_near_optimum(offset=0.01, dim=8, lr=0.01))
+    assert far and near
+    far_r, near_r = sum(far) / len(far), sum(near) / len(near)
+    assert far_r < 0.9 < near_r, (far, near)  # measured: 0.82 and 0.98
+    assert critical_batch_from_ratio(far_r, 4, 2) < 32 < critical_batch_from_ratio(near_r, 4, 2)
+
+
+def test_the_default_policy_grows_the_batch_from_probes(tmp_path):
+    seed_everything(0)
+    model = model_near_optimum(offset=0.3, dim=8, lr=0.01)
+    data = LeastSquaresData(dim=8, batch_size=4, num_samples=8192)
+    probe = CriticalBatchProbe(window_steps=8, eval_samples=64, max_overhead=0.2)
+    cb = AdaptiveBatchSize(policy=CriticalBatchPolicy(probe=probe), ref_batch_size=4,
+                           half_life_samples=500, max_batch_size=256)
+    trainer(tmp_path, [cb], max_steps=600, log_every_n_steps=1).fit(model, data)
+    assert cb.policy.results and cb.policy.rho is not None
+    assert cb.history and cb.history[0]["from"] == 4 and cb.batch_size > 4
+    assert all(h["batch_size"] > h["from"] for h in cb.history)  # never decreases
+    assert cb._branch.spent <= 0.2 * cb.samples
+
+
+def test_resume_during_an_open_window_is_exact(tmp_path):
+    probe = CriticalBatchProbe(window_steps=8, eval_samples=64, max_overhead=0.5)
+
+    def run(root, ckpt_path=None, save=False):
+        seed_everything(0)
+        model = model_near_optimum(offset=0.05, dim=8, lr=0.01)
+        data = SamplerData(dim=8, batch_size=4, num_samples=8192)
+        cb = AdaptiveBatchSize(policy=CriticalBatchPolicy(probe=probe), ref_batch_size=4,
+                               half_life_samples=200, max_batch_size=64)
+        extra = [ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1,
+                                 filename="{step}")] if save else []
+        trainer(root, [cb, *extra], max_steps=150, enable_checkpointing=save).fit(
+            model, data, ckpt_path=ckpt_path)
+        return model, cb
+
+    full_model, full_cb = run(tmp_path / "a", save=True)
+    assert full_cb.policy.results, "the test needs a probe"
+    # a step inside the first window: after it opened, before it closed
+    first = full_cb.policy.results[0]
+    inside = first.samples // 4 - probe.window_steps // 2
+    model, cb = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / f"step={inside}.ckpt"))
+    assert cb.history == full_cb.history
+    def key(r):
+        return r.samples, r.batch_size, r.progress, r.branch_progress, r.gns
+
+    assert [key(r) for r in cb.policy.results] == [key(r) for r in full_cb.policy.results]
+    torch.testing.assert_close(model.linear.weight, full_model.linear.weight, rtol=0, atol=0)
+
+
+def test_bad_probe_settings_name_the_value():
+    for kwargs, match in (({"factor": 1}, "factor=1"), ({"window_steps": 5}, "window_steps=5"),
+                          ({"max_overhead": 0.0}, "max_overhead=0.0"),
+                          ({"tolerance": math.nan}, "tolerance=nan"),
+                          ({"eval_samples": True}, "eval_samples=True")):
+        with pytest.raises(ValueError, match=match):
+            CriticalBatchProbe(**kwargs)
