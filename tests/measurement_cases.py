@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from adabatch import AdaptiveBatchSize
+from adabatch.control.policy import FixedPolicy
 from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
 
 GLOBAL_BATCH = 16
@@ -54,7 +55,7 @@ def make_run(source: str, accumulation: int, world: int, steps: int = STEPS
     extra = GLOBAL_BATCH // 2 if accumulation > 1 else 0
     data = LeastSquaresData(dim=DIM, batch_size=micro, fresh=True,
                             num_samples=steps * GLOBAL_BATCH + extra, val_samples=16)
-    cb = AdaptiveBatchSize(noise=source, policy="fixed", ref_batch_size=GLOBAL_BATCH,
+    cb = AdaptiveBatchSize(noise=source, policy=FixedPolicy(), ref_batch_size=GLOBAL_BATCH,
                            half_life_samples=1e12, log_every_n_steps=10**6)
     return model, data, cb
 

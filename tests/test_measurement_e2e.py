@@ -17,6 +17,8 @@ from measurement_cases import check, make_run, summary
 from torch import nn
 
 from adabatch import EMA, AdaptiveBatchSize
+from adabatch.control.policy import FixedPolicy, NoisePolicy, RampPolicy
+from adabatch.control.rules import ScalingRules
 from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
 
 
@@ -70,7 +72,8 @@ def test_auto_on_one_device_measures_the_covered_part_and_says_so(tmp_path):
     seed_everything(0)
     model = TwoLayer(dim=4, lr=1e-12, init_scale=0.0)
     data = LeastSquaresData(dim=4, batch_size=8, num_samples=160, fresh=True)
-    cb = AdaptiveBatchSize(noise="auto", policy="fixed", ref_batch_size=8, log_every_n_steps=1)
+    cb = AdaptiveBatchSize(noise="auto", policy=FixedPolicy(), ref_batch_size=8,
+                           log_every_n_steps=1)
     logged = LogRecorder()
     with pytest.warns(UserWarning, match=r"covers only \(80.0% of the trainable"):
         trainer(tmp_path, [cb, logged], max_epochs=1).fit(model, data)
@@ -98,7 +101,7 @@ def test_compiled_module_steps_never_reach_the_estimator(tmp_path, noise):
     seed_everything(0)
     model = CompiledMLP(dim=4, lr=1e-12)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
-    cb = AdaptiveBatchSize(noise=noise, policy="fixed", ref_batch_size=8, log_every_n_steps=1)
+    cb = AdaptiveBatchSize(noise=noise, policy=FixedPolicy(), ref_batch_size=8, log_every_n_steps=1)
     logged = LogRecorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -129,7 +132,7 @@ def test_auto_falls_back_when_the_per_example_probe_records_nothing(tmp_path):
     seed_everything(0)
     model = LeastSquaresModel(dim=4, lr=1e-12)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
-    cb = AdaptiveBatchSize(noise="auto", policy="fixed", ref_batch_size=8)
+    cb = AdaptiveBatchSize(noise="auto", policy=FixedPolicy(), ref_batch_size=8)
     import adabatch.callback as callback_module
 
     original = callback_module.PerExampleGradNorms
@@ -144,15 +147,16 @@ def test_auto_falls_back_when_the_per_example_probe_records_nothing(tmp_path):
 
 
 def test_noise_policy_waits_for_a_settled_estimate(tmp_path):
-    """The spread of fewer than 8 effective steps is no error bar: until then the gate of
-    max_rel_std (however loose) must not pass, so the first change comes at step 8 or 9."""
+    """The spread of fewer than 8 effective steps is no error bar: until then a confidence
+    bound (however loose) must not exist, so the first change comes at step 8 or 9."""
     seed_everything(0)
     model = model_near_optimum(offset=1.0, dim=4, lr=1e-12)  # |G|^2 clearly > 0
     data = SamplerData(dim=4, batch_size=2, num_samples=4000, fresh=True)
-    cb = AdaptiveBatchSize(noise="per_example", policy="noise", resize="sampler",
-                           noise_scale_factor=8.0, half_life_samples=1e9, max_rel_std=1e9,
-                           confidence=0.0, hysteresis=0.0, min_batch_size=2,
-                           max_batch_size=64, ref_batch_size=2)
+    # a confidence bound needs an error bar; z = 1e-9 makes the bound the estimate itself
+    policy = NoisePolicy(scale=8.0, confidence=1e-9, hysteresis=0.0, spike_factor=None)
+    cb = AdaptiveBatchSize(noise="per_example", policy=policy, resize="sampler",
+                           half_life_samples=1e9, min_batch_size=2, max_batch_size=64,
+                           ref_batch_size=2)
     trainer(tmp_path, [cb], max_steps=12).fit(model, data)
     # (the EMA's weights decay a hair, so 8 updates hold an effective 8 - 1e-8 steps)
     assert cb.history and cb.history[0]["step"] in (8, 9)
@@ -162,8 +166,8 @@ def test_weight_averaging_follows_the_measured_batch(tmp_path):
     seed_everything(0)
     model = LeastSquaresModel(dim=4, lr=0.01)
     data = SamplerData(dim=4, batch_size=2, num_samples=2048)
-    cb = AdaptiveBatchSize(policy="ramp", resize="sampler", min_batch_size=2, max_batch_size=8,
-                           ramp_samples=60, hysteresis=0.0)
+    cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=60), resize="sampler",
+                           min_batch_size=2, max_batch_size=8)
     ema = EMA(half_life_samples=100)
     trainer(tmp_path, [cb, ema], max_steps=40).fit(model, data)
     assert cb.batch_size == 8 and ema.batch_size == 8  # the first batch was 2
@@ -184,7 +188,8 @@ def test_adamw_weight_decay_keeps_its_timescale_in_samples(tmp_path):
     """kappa = 4 with the sqrt rule: lr x 2, and wd x kappa / lr_factor = x 2 (Power Lines)."""
     model = LeastSquaresModel(dim=4, lr=0.01, optimizer="adamw", weight_decay=0.1)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
-    cb = AdaptiveBatchSize(policy="fixed", ref_batch_size=4, lr_rule="sqrt")
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=4,
+                           rules=ScalingRules(lr="sqrt"))
     rec = GroupRecorder()
     trainer(tmp_path, [cb, rec], max_steps=3, accumulate_grad_batches=4).fit(model, data)
     assert rec.rows == [(pytest.approx(0.02), pytest.approx(0.2))] * 3
