@@ -16,7 +16,7 @@ batch per optimizer step:
 - ``per-example (Triton)``: ``ADABATCH_KERNELS=triton``; only where CUDA is present (else a
   line says it was skipped).
 
-All adabatch rows use ``policy="fixed"`` (measure only; the batch never changes).
+All adabatch rows use ``policy=FixedPolicy()`` (measure only; the batch never changes).
 
 Step time: wall time between consecutive optimizer steps (``on_train_batch_end`` of the step's
 last micro-batch; CUDA synchronised), after ``--warmup`` steps; the median of all measured
@@ -122,7 +122,9 @@ def _child(name: str, args: argparse.Namespace, data: Any, conn: Any) -> None:
         timer = StepTimer()
         callbacks: list = []
         if cb_kw is not None:
-            kw = dict(policy="fixed", ref_batch_size=args.batch, log_every_n_steps=10**9,
+            from adabatch.control.policy import FixedPolicy
+
+            kw = dict(policy=FixedPolicy(), ref_batch_size=args.batch, log_every_n_steps=10**9,
                       resize="accumulate")
             kw.update(cb_kw)
             callbacks.append(AdaptiveBatchSize(**kw))

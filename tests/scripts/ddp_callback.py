@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lit_helpers import SamplerData, StepRecorder
 
 from adabatch import AdaptiveBatchSize
+from adabatch.control.policy import NoisePolicy
 from adabatch.tasks.synthetic import LeastSquaresModel
 
 
@@ -52,8 +53,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model = IndexedModel(dim=4, lr=0.2, init_scale=1.0)
     data = SamplerData(dim=4, batch_size=2, num_samples=600)
-    cb = AdaptiveBatchSize(noise="auto", policy="noise", resize=resize, noise_scale_factor=4.0,
-                           half_life_samples=100, hysteresis=0.1, confidence=0.0,
+    policy = NoisePolicy(scale=4.0, confidence=0.0, hysteresis=0.1, never_decrease=False)
+    cb = AdaptiveBatchSize(noise="auto", policy=policy, resize=resize, half_life_samples=100,
                            min_batch_size=4, max_batch_size=64, ref_batch_size=4)
     rec = StepRecorder()
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
