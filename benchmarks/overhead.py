@@ -112,6 +112,7 @@ def _child(name: str, args: argparse.Namespace, data: Any, conn: Any) -> None:
         from lightning.pytorch import seed_everything
 
         from adabatch import AdaptiveBatchSize
+        from adabatch.control.policy import FixedPolicy
         from adabatch.tasks.charlm import CharLM
 
         cb_kw, accumulation, kernels = CONFIGS[name]
@@ -127,8 +128,6 @@ def _child(name: str, args: argparse.Namespace, data: Any, conn: Any) -> None:
         timer = StepTimer()
         callbacks: list = []
         if cb_kw is not None:
-            from adabatch.control.policy import FixedPolicy
-
             kw = dict(policy=FixedPolicy(), ref_batch_size=args.batch, log_every_n_steps=10**9,
                       resize="accumulate")
             kw.update(cb_kw)

@@ -48,6 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from adabatch.control.policy import FixedPolicy  # noqa: E402
+from adabatch.control.rules import ScalingRules  # noqa: E402
+
 SECTION = "rule_fidelity"
 GOAL_GAP = 0.02  # with rules, the 4B curve within 2% of the B curve
 
@@ -69,12 +72,14 @@ class Setting:
 
 
 def _cb_kwargs(s: Setting, ref: int) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(policy="fixed", ref_batch_size=ref, noise="per_example",
+    kw: dict[str, Any] = dict(policy=FixedPolicy(), ref_batch_size=ref, noise="per_example",
                               log_every_n_steps=10**9)
     if s.rules == "off":
-        kw.update(lr_rule="none", scale_betas=False, scale_eps=False, scale_weight_decay=False)
-    elif s.rules != "on":
-        kw.update(lr_rule=s.rules)
+        kw.update(rules=ScalingRules(lr="none", betas=False, eps=False, weight_decay=False))
+    elif s.rules == "on":
+        kw.update(rules=ScalingRules(lr="kappa"))  # the rules of kappa (the default saturates)
+    else:
+        kw.update(rules=ScalingRules(lr=s.rules))
     return kw
 
 

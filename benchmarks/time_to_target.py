@@ -71,6 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import Progress, RunRecord, fmt, median_range  # noqa: E402
 
+from adabatch.control.policy import GoodputPolicy, NoisePolicy, RampPolicy  # noqa: E402
+from adabatch.control.rules import ScalingRules  # noqa: E402
+
 SECTION = "time_to_target"
 TASKS = ("synthetic", "charlm", "digits")
 GOALS = {"synthetic": 0.25, "charlm": 0.20, "digits": 0.10}
@@ -367,14 +370,22 @@ def run_one(task: Task, seed: int, lr: float, batch: int, root: Path,
 
 def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small: float,
                     n_small: float, adam: bool) -> tuple[float, dict[str, Any]]:
-    """(model lr, AdaptiveBatchSize kwargs) of a setting."""
-    kw: dict[str, Any] = dict(policy=a.policy, min_batch_size=b_min, max_batch_size=b_max,
-                              ref_batch_size=b_min, lr_rule=a.lr_rule,
-                              max_rel_std=a.max_rel_std, confidence=a.confidence)
+    """(model lr, AdaptiveBatchSize kwargs) of a setting.
+
+    The policies keep this benchmark's original discipline (decreases allowed, no loss
+    guard); a precision gate (``max_rel_std``) is no longer a library option and is ignored.
+    """
+    discipline = dict(never_decrease=False, spike_factor=None)
     if a.policy == "noise":
-        kw.update(noise_scale_factor=a.c, noise_exponent=a.exponent)
+        policy: Any = NoisePolicy(scale=a.c, exponent=a.exponent, confidence=a.confidence,
+                                  **discipline)
     elif a.policy == "ramp":
-        kw.update(ramp_samples=max(1, int(a.ramp_frac * n_small)), hysteresis=0.0)
+        policy = RampPolicy(ramp_samples=max(1, int(a.ramp_frac * n_small)), **discipline)
+    else:
+        policy = GoodputPolicy(confidence=a.confidence, **discipline)
+    kw: dict[str, Any] = dict(policy=policy, min_batch_size=b_min, max_batch_size=b_max,
+                              ref_batch_size=b_min,
+                              rules=ScalingRules(lr="kappa" if a.lr_rule == "auto" else a.lr_rule))
     if a.lr_rule == "none":
         return a.lr_scale * lr_big, kw
     # The library's rule from B_min at the lr tuned there; the batch is capped where the

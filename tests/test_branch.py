@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,8 +67,9 @@ def test_the_probe_leaves_the_main_run_bit_identical(tmp_path, accumulate):
 
 def test_the_probe_sees_a_larger_critical_batch_near_the_optimum(tmp_path):
     """Far from w* the gradient dominates (B_noise of order the dimension): doubling the
-    batch loses progress per sample (r well below 1). Near w* the noise dominates (B_noise in the thousands):
-    the same samples at 2B make the same progress (r -> 1). The probe must tell them apart."""
+    batch loses progress per sample (r well below 1). Near w* the noise dominates (B_noise
+    in the thousands): the same samples at 2B make the same progress (r -> 1). The probe
+    must tell them apart."""
     probe = CriticalBatchProbe(window_steps=8, eval_samples=128, max_overhead=1.0,
                                refresh_samples_factor=1.01)
 
@@ -130,3 +136,18 @@ def test_bad_probe_settings_name_the_value():
                           ({"eval_samples": True}, "eval_samples=True")):
         with pytest.raises(ValueError, match=match):
             CriticalBatchProbe(**kwargs)
+
+
+def test_two_ranks_probe_and_decide_identically(tmp_path):
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH",
+                                                                                 "")]))
+    proc = subprocess.run(
+        [sys.executable, str(here / "scripts" / "ddp_branch.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["results"], "the test needs a probe"
+    assert r0 == r1  # same probes, same decisions, same weights on both ranks
+    assert r0["spent"] <= 0.3 * r0["samples"]

@@ -288,3 +288,32 @@ def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     assert resumed.policy.bounds == fresh.policy.bounds
     assert (fresh.policy.bounds.lo, fresh.policy.bounds.hi) == (4, 256)
+
+
+def test_default_lr_rule_saturates_where_the_linear_rule_diverges(tmp_path):
+    """SGD at half its stability limit at B_ref = 16, then a ramp to 64 x B_ref. Far from w*
+    the gradient dominates (B_noise ~ 10), so a larger batch buys little: the linear rule
+    multiplies the lr by 64 (far past 2 / lambda_max) and diverges; the default (AdaScale
+    gain, at most 1 + B_noise / B_ref) keeps the run finite and still converging (measured:
+    the linear rule reached 3e23 by step 15; the default stayed near 0.85 from 13.2). The
+    gain bounds the lr by the measured noise, not by the curvature: near w* (B_noise large)
+    it grows again; the loss-spike guard is the backstop there."""
+
+    def run(rule):
+        seed_everything(0)
+        lam = float(LeastSquaresModel(dim=16).problem.spectrum.max())
+        model = LeastSquaresModel(dim=16, init_scale=3.0, lr=1.0 / lam)  # lr lambda_max < 2
+        data = SamplerData(dim=16, batch_size=16, num_samples=1 << 16)
+        cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=2000, spike_factor=None),
+                               rules=ScalingRules(lr=rule), resize="sampler",
+                               ref_batch_size=16, max_batch_size=1024, noise="per_example",
+                               half_life_samples=500)
+        rec = StepRecorder()
+        trainer(tmp_path, [cb, rec], max_steps=60).fit(model, data)
+        return [r["loss"] for r in rec.rows], cb
+
+    linear, _ = run("kappa")
+    default, cb = run("auto")
+    assert cb.batch_size >= 512  # kappa >= 32
+    assert not math.isfinite(linear[-1]) or linear[-1] > 1e6 * linear[0]
+    assert math.isfinite(default[-1]) and default[-1] < default[0]

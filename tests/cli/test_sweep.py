@@ -47,7 +47,7 @@ def test_spec_resolution_and_errors(tmp_path):
     assert spec.sampler == "grid" and len(spec.grid()) == 2 and spec.name == "synthetic-sweep"
     spec = sweep.resolve_spec(_ns(sweep=str(CONFIGS / "sweeps" / "example.yaml"), config=None))
     assert spec.sampler == "tpe" and spec.n_trials == 6 and spec.configs
-    assert {p.key for p in spec.params} == {"adabatch.policy", "model.lr"}
+    assert {p.key for p in spec.params} == {"adabatch.policy.init_args.exponent", "model.lr"}
     with pytest.raises(SweepError, match="'model.lr'"):
         sweep.resolve_spec(_ns(range=["model.lr=0.1:1"], sampler="grid"))
     with pytest.raises(SweepError, match="empty"):

@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model = IndexedModel(dim=4, lr=0.2, init_scale=1.0)
     data = SamplerData(dim=4, batch_size=2, num_samples=600)
-    policy = NoisePolicy(scale=4.0, confidence=0.0, hysteresis=0.1, never_decrease=False)
+    policy = NoisePolicy(scale=4.0, hysteresis=0.1, confidence=0.0, never_decrease=False)
     cb = AdaptiveBatchSize(noise="auto", policy=policy, resize=resize, half_life_samples=100,
                            min_batch_size=4, max_batch_size=64, ref_batch_size=4)
     rec = StepRecorder()
