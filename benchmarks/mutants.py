@@ -121,8 +121,14 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+CONTROL = Mutant("control", "no mutation: the tests must pass, or every 'killed' is void",
+                 "", "", "", ())
+
+
 def apply(mutant: Mutant, root: Path) -> None:
     """Apply ``mutant`` to the tree at ``root`` (ValueError unless ``old`` occurs once)."""
+    if not mutant.path:  # the control run
+        return
     path = root / mutant.path
     text = path.read_text()
     if text.count(mutant.old) != 1:
@@ -172,8 +178,14 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
               if (args.only is None or m.name in args.only) and (args.ddp or not m.ddp
                                                                  or args.only)]
     rows, outcomes = [], []
-    for m in chosen:
+    tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+    control = Mutant(CONTROL.name, CONTROL.what, CONTROL.path, "", "", tests)
+    for m in [control, *chosen]:
         outcome, seconds, last = run(m, args.timeout)
+        if m is control:
+            if outcome != "survived":
+                raise SystemExit(f"the unmutated tests fail ({last}): fix them first")
+            outcome = "passed"
         print(f"{m.name}: {outcome} ({seconds:.0f} s) {last}", flush=True)
         outcomes.append((m.name, outcome))
         rows.append([f"`{m.name}`", m.what, f"`{m.path.removeprefix('src/adabatch/')}`",
@@ -183,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     lines += common.context_lines("mutants.py", argv, load_before)
     lines += [f"- wall time: {time.perf_counter() - t0:.0f} s",
               "- each mutant: one textual replacement in a copy of src/ and tests/, then "
-              "`pytest -x` on the listed tests; killed = some test failed"]
+              "`pytest -x` on the listed tests; killed = some test failed; the control row "
+              "runs every listed test on the unmutated copy first"]
     if skipped:
         lines.append(f"- not run this time: {', '.join(skipped)}")
     lines += ["", common.md_table(["mutant", "wrong code", "file", "outcome", "pytest",
