@@ -169,8 +169,27 @@ def test_weight_averaging_follows_the_measured_batch(tmp_path):
     cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=60), resize="sampler",
                            min_batch_size=2, max_batch_size=8)
     ema = EMA(half_life_samples=100)
-    trainer(tmp_path, [cb, ema], max_steps=40).fit(model, data)
+    seen = EmaBatchRecorder(ema)
+    trainer(tmp_path, [cb, seen, ema], max_steps=40).fit(model, data)
     assert cb.batch_size == 8 and ema.batch_size == 8  # the first batch was 2
+    # every step: the batch it really trained on, not the decided one (the loader's prefetch
+    # makes a decision reach training two steps later)
+    assert [e for _, e in seen.rows] == [m for m, _ in seen.rows]
+    assert len({m for m, _ in seen.rows}) >= 3
+
+
+class EmaBatchRecorder(Callback):
+    """(samples the step trained on, the batch the EMA was told) at each optimizer step."""
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema, self.rows, self._n = ema, [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._n += len(batch[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.rows.append((self._n, self.ema.batch_size))
+        self._n = 0
 
 
 class GroupRecorder(Callback):
