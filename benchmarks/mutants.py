@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
             outcome = "passed"
         print(f"{m.name}: {outcome} ({seconds:.0f} s) {last}", flush=True)
         outcomes.append((m.name, outcome))
-        rows.append([f"`{m.name}`", m.what, f"`{m.path.removeprefix('src/adabatch/')}`",
-                     outcome, last.replace("|", "/"), ", ".join(f"`{t}`" for t in m.tests)])
+        where = m.path.removeprefix("src/adabatch/") or "-"
+        rows.append([f"`{m.name}`", m.what.replace("|", r"\|"), f"`{where}`", outcome,
+                     last.replace("|", "/"), ", ".join(f"`{t}`" for t in m.tests)])
     skipped = [m.name for m in MUTANTS if m not in chosen]
     lines = [f"## {SECTION}: named mutants of the measurement, and which tests kill them", ""]
     lines += common.context_lines("mutants.py", argv, load_before)
