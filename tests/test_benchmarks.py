@@ -206,3 +206,20 @@ def test_doubling_ramp_spends_equal_samples_per_size():
     # 4 sizes (16, 32, 64, 128), each for 700 / 4 = 175 samples, then the top
     sizes = [ramp.target(Observation(s, 0, 16)) for s in (0, 174, 175, 349, 350, 525, 10_000)]
     assert sizes == [16.0, 16.0, 32.0, 32.0, 64.0, 128.0, 128.0]
+
+
+# ----------------------------------------------------------------------------- mutants
+def test_every_mutant_applies_to_todays_code(tmp_path):
+    """benchmarks/mutants.py is run by hand; this keeps its patches from drifting silently."""
+    mutants = importlib.import_module("mutants")
+    names = [m.name for m in mutants.MUTANTS]
+    assert len(names) == len(set(names)) >= 6
+    root = Path(mutants.ROOT)
+    for m in mutants.MUTANTS:
+        target = tmp_path / m.name / m.path
+        target.parent.mkdir(parents=True)
+        target.write_text((root / m.path).read_text())
+        mutants.apply(m, tmp_path / m.name)  # raises unless the old text occurs exactly once
+        assert target.read_text() != (root / m.path).read_text()
+        for test in m.tests:
+            assert (root / test.split("::")[0]).is_file(), test

@@ -43,6 +43,13 @@ from adabatch.control.rules import ScalingRules, adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.noise.step_stats import (
+    SKIP_NO_NORMS,
+    SKIP_NO_SMALL_BATCH,
+    StepStats,
+    big_batch_sq_norm,
+    reduce_step_stats,
+)
 from adabatch.state import STATE_VERSION, validate_state
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
@@ -172,7 +179,6 @@ class AdaptiveBatchSize(Callback):
         self._pending: Split | None = None  # layout waiting for an aligned boundary
         self._local_samples = 0
         self._local_batches = 0
-        self._warned_no_small_batch = False
         self._step_stats: dict[str, float] | None = None
         self._t_last: float | None = None
         self._restored: dict[str, Any] | None = None
@@ -291,7 +297,7 @@ class AdaptiveBatchSize(Callback):
                 "Use adabatch.data.ResizableDataLoader for an exact resume."
             )
         self._wrap_optimizer_step(trainer)
-        self._attach_probe(pl_module)
+        self._attach_probe(trainer, pl_module)
         repair_epoch_end_restart(trainer)  # before the epoch loop starts (control/restart.py)
         if self._restored is not None:
             self._apply_restored(trainer)
@@ -339,14 +345,33 @@ class AdaptiveBatchSize(Callback):
             self._scaler.close()
             self._scaler = None
 
-    def _attach_probe(self, pl_module: Any) -> None:
+    def _attach_probe(self, trainer: Any, pl_module: Any) -> None:
+        """Choose and attach the probe; say plainly, once, what is measured and what is not."""
+        self._warned: set[str] = set()
+        self._covered_fraction = 0.0
+        # A small batch below the global one exists for micro-batch statistics only with
+        # several ranks or accumulation (the policy may add accumulation later).
+        small_batch = self._world > 1 or trainer.accumulate_grad_batches > 1
+        compiled = _compiled_modules(pl_module)
         source = self.noise
         if source == "auto":
-            # Per-example statistics (b = 1) work on one device with no accumulation; use
-            # them when the probe covers the whole model, else micro-batch statistics.
             probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
             probe.attach()
-            if probe.uncovered:
+            if compiled:
+                # Module hooks do not fire inside a compiled graph; parameter tensor hooks
+                # (the micro-batch probe) do (tests/test_measurement_e2e.py).
+                probe.detach()
+                source = "microbatch"
+                rank_zero_info(
+                    f"adabatch: noise='auto' uses micro-batch statistics: {compiled[0]!r} is "
+                    "torch.compile'd, and the per-example probe's module hooks do not fire in "
+                    "a compiled graph"
+                )
+            elif not probe.uncovered:
+                self._probe, self._source = probe, "per_example"
+                self._covered_params(pl_module)
+                return
+            elif small_batch or not probe.covered:
                 probe.detach()
                 source = "microbatch"
                 rank_zero_info(
@@ -355,20 +380,56 @@ class AdaptiveBatchSize(Callback):
                     f"(e.g. {probe.uncovered[0]})"
                 )
             else:
+                # No small batch for micro-batch statistics: measure the covered subset, which
+                # predicts the whole model's noise scale well (Gray et al. 2024).
                 self._probe, self._source = probe, "per_example"
+                self._covered_params(pl_module)
+                rank_zero_warn(
+                    "adabatch: noise='auto' measures the noise scale over the parameters the "
+                    f"per-example probe covers only ({self._covered_fraction:.1%} of the "
+                    f"trainable parameters; not measured: {_names(probe.uncovered)}): one "
+                    "device and no accumulation leave no small batch for micro-batch "
+                    "statistics. Logged as adabatch/covered_fraction."
+                )
                 return
         if source == "per_example":
             self._probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
             self._probe.attach()
-            if self._probe.uncovered:
+            self._source = source
+            self._covered_params(pl_module)
+            if compiled:
                 rank_zero_warn(
-                    f"adabatch: the per-example probe does not cover {self._probe.uncovered}; "
-                    "the noise scale is measured over the covered parameters only"
+                    f"adabatch: noise='per_example' on a torch.compile'd module ({compiled[0]!r})"
+                    ": its module hooks do not fire in a compiled graph, so no step will be "
+                    "measured. Use noise='microbatch' (or 'auto') with accumulation or several "
+                    "devices."
                 )
-        else:
-            self._probe = MicroBatchGradNorms(pl_module)
-            self._probe.attach()
-        self._source = source
+            elif not self._probe.covered:
+                rank_zero_warn(
+                    "adabatch: NOTHING IS MEASURED: the per-example probe covers no parameter "
+                    f"({_names(self._probe.uncovered)}). Use noise='microbatch' with "
+                    "accumulation or several devices."
+                )
+            elif self._probe.uncovered:
+                rank_zero_warn(
+                    "adabatch: the noise scale is measured over the parameters the per-example "
+                    f"probe covers only ({self._covered_fraction:.1%} of the trainable "
+                    f"parameters; not measured: {_names(self._probe.uncovered)}). Logged as "
+                    "adabatch/covered_fraction."
+                )
+            return
+        self._probe = MicroBatchGradNorms(pl_module)
+        self._probe.attach()
+        self._source = "microbatch"
+        self._covered_params(pl_module)
+        if not small_batch:
+            self._warned.add(SKIP_NO_SMALL_BATCH)
+            rank_zero_warn(
+                "adabatch: NOTHING IS MEASURED yet: micro-batch statistics need a small batch "
+                "below the global batch (accumulation or several devices), and this run has "
+                "one device and no accumulation. The noise scale stays unmeasured until the "
+                "layout changes; use noise='per_example' or accumulate_grad_batches > 1."
+            )
 
     def _apply_restored(self, trainer: Any) -> None:
         state = self._restored or {}
@@ -478,76 +539,83 @@ class AdaptiveBatchSize(Callback):
         if not self.enabled or self._probe is None or self._estimator is None:
             return
         stats = self._measure(trainer, pl_module)
-        self._step_stats = stats
-        batch = int(stats["samples"])
+        batch = int(stats.samples)
         # Counted here, not in on_train_batch_end: Lightning steps a step-interval LR scheduler
         # between the two, and a schedule reading ``samples`` must see this step's samples.
         self.samples += batch
         self._notify_ema(trainer, batch)
         accepted = False
-        if stats["b"] < batch:
-            accepted = self._estimator.update(stats["small_sq"], stats["b"], stats["big_sq"], batch)
-        elif not self._warned_no_small_batch:
-            self._warned_no_small_batch = True
-            rank_zero_warn(
-                f"adabatch: micro-batch statistics need a small batch below the global batch "
-                f"({stats['b']:.0f} vs {batch}): use gradient accumulation, several ranks, or "
-                "noise='per_example'. The noise scale is not measured meanwhile."
-            )
-        stats["accepted"] = float(accepted)
+        if stats.skip is None:
+            accepted = self._estimator.update(stats.small_sq, stats.b, stats.big_sq, batch)
+        else:
+            self._estimator.record_skip()  # never reaches the estimate; counted
+            self._on_unmeasured(pl_module, stats)
+        self._step_stats = {
+            # the decision gate in on_train_batch_end reads these two: finite unless the
+            # gradients are (an unmeasured step has no small-batch value to be non-finite)
+            "small_sq": stats.small_sq if stats.skip is None else 0.0,
+            "big_sq": stats.big_sq,
+            "b": stats.b,
+            "samples": stats.samples,
+            "step_time": stats.step_time,
+            "accepted": float(accepted),
+        }
         factors = self._apply_factors(batch)
-        stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
+        self._step_stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
 
-    def _measure(self, trainer: Any, pl_module: Any) -> dict[str, float]:
-        """Small-batch and big-batch squared norms, identical on every rank."""
+    def _on_unmeasured(self, pl_module: Any, stats: StepStats) -> None:
+        """Warn once per reason; under ``noise='auto'`` fall back to micro-batch statistics
+        when the per-example probe records nothing (e.g. a compiled graph)."""
+        assert stats.skip is not None
+        fallback = (stats.skip == SKIP_NO_NORMS and self.noise == "auto"
+                    and self._source == "per_example")
+        if fallback:
+            assert self._probe is not None
+            self._probe.detach()
+            self._probe = MicroBatchGradNorms(pl_module).attach()
+            self._source = "microbatch"
+            self._covered_params(pl_module)
+        if stats.skip in self._warned:
+            return
+        self._warned.add(stats.skip)
+        what = {"per_example": "per-example", "microbatch": "micro-batch"}
+        rank_zero_warn(
+            f"adabatch: step {self.steps} NOT MEASURED: {stats.skip} (probe "
+            f"{'per_example' if fallback else self._source}: {stats.count:.0f} small batches "
+            f"recorded for {stats.samples:.0f} samples in {stats.batches:.0f} micro-batches). "
+            "Such steps are skipped and counted (adabatch/skipped_steps)."
+            + (f" noise='auto' now uses {what['microbatch']} statistics." if fallback else "")
+        )
+
+    def _measure(self, trainer: Any, pl_module: Any) -> StepStats:
+        """The step's statistics (`adabatch.noise.step_stats`), identical on every rank."""
         assert self._probe is not None
         small = self._probe.sq_norms
         self._probe.reset()
         device = pl_module.device
-        small = small.to(device=device, dtype=torch.float64)
-        big_params = self._covered_params(pl_module)
-        big_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for p in big_params:
-            if p.grad is not None:
-                big_sq += p.grad.detach().to(torch.float64).square().sum()
-        # Lightning divides every micro-batch's loss by k, also in an epoch's last, shorter
-        # window: rescale .grad to the mean over the micro-batches it actually holds.
-        window = trainer.accumulate_grad_batches / max(self._local_batches, 1)
-        big_sq *= window * window
-        self._local_batches = 0
+        big_sq = big_batch_sq_norm(self._covered_params(pl_module), device=device)
         # Step time, from this point of the previous step (None across a validation run).
         now = time.perf_counter()
         elapsed = 0.0 if self._t_last is None else now - self._t_last
         self._t_last = now
-        # One all-reduce: [sum of small norms, number of small batches, samples, step time,
-        # ranks with a step time]; every rank then holds the same numbers, so every rank
-        # takes the same decision (the goodput policy reads the mean step time).
-        local = torch.tensor(
-            [0.0, small.numel(), self._local_samples, elapsed, float(elapsed > 0)],
-            dtype=torch.float64,
-            device=device,
+        stats = reduce_step_stats(
+            small,
+            per_example=self._source == "per_example",
+            local_samples=self._local_samples,
+            local_batches=self._local_batches,
+            big_sq=big_sq,
+            accumulation=trainer.accumulate_grad_batches,
+            elapsed=elapsed,
+            world_size=self._world,
+            all_reduce_fn=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
         )
-        local[0] = small.sum()
         self._local_samples = 0
-        total = trainer.strategy.reduce(local, reduce_op="sum")
-        small_sum, count, samples, time_sum, timed, big = (
-            float(v) for v in torch.cat([total, big_sq.reshape(1)]).tolist()
-        )
-        world = float(self._world)
-        if self._source == "per_example":
-            b = 1.0
-        else:
-            b = samples / max(count, 1.0)  # the mean micro-batch size per rank
-        return {
-            "small_sq": small_sum / max(count, 1.0),
-            "big_sq": big,
-            "b": b,
-            "samples": samples,
-            "step_time": time_sum / world if timed == world else math.nan,
-        }
+        self._local_batches = 0
+        return stats
 
     def _covered_params(self, pl_module: Any) -> list[torch.nn.Parameter]:
-        """The parameters whose big-batch gradient matches the small-batch statistics."""
+        """The parameters whose big-batch gradient matches the small-batch statistics (and
+        their fraction of the trainable parameter count, ``_covered_fraction``)."""
         if self._source == "per_example":
             covered = tuple(self._probe.covered)  # type: ignore[union-attr]
         else:
@@ -556,6 +624,10 @@ class AdaptiveBatchSize(Callback):
             named = dict(pl_module.named_parameters())
             self._big_params = [named[n] for n in covered]
             self._big_params_key = covered
+            total = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            self._covered_fraction = (
+                sum(p.numel() for p in self._big_params) / total if total else 0.0
+            )
         return self._big_params
 
     def on_train_batch_end(
@@ -758,6 +830,11 @@ class AdaptiveBatchSize(Callback):
             "adabatch/accumulation": stats.get("accumulation", float(self._split.accumulation)),
             "adabatch/lr_factor": stats.get("lr_factor", 1.0),
             "adabatch/samples": float(self.samples),
+            # measurement: whether this step reached the estimate, over which share of the
+            # trainable parameters, and how many steps could not be measured so far
+            "adabatch/measured": stats.get("accepted", 0.0),
+            "adabatch/covered_fraction": float(getattr(self, "_covered_fraction", 0.0)),
+            "adabatch/skipped_steps": float(est.num_skipped),
         }
         for key, value in (
             ("adabatch/gns", est.gns),
@@ -780,6 +857,17 @@ class AdaptiveBatchSize(Callback):
             if value is not None and math.isfinite(value):
                 metrics["adabatch/critical_batch"] = float(value)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _compiled_modules(module: Any) -> list[str]:
+    """Names of the ``torch.compile``'d submodules (``OptimizedModule``) of ``module``."""
+    return [name or "<root>" for name, m in module.named_modules()
+            if type(m).__name__ == "OptimizedModule"]
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _find_resizable_sampler(trainer: Any) -> Any:
