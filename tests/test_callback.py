@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_helpers import SamplerData, StepRecorder, model_near_optimum, trainer
 
@@ -502,3 +502,39 @@ def test_a_decided_change_lands_within_an_epoch_and_is_logged_when_it_acts(tmp_p
     for row, step in zip(logged, rec.rows):
         micro, acc = float(row["adabatch/micro_batch"]), float(row["adabatch/accumulation"])
         assert micro * acc == step["batch"] == float(row["adabatch/batch_size"]), (row, step)
+
+
+def test_the_default_half_life_follows_a_growing_noise_scale(tmp_path):
+    """SGD from far to near w*: the exact B_noise grows ~25x, then wanders at the noise
+    floor. The oracle is the exact ratio of the mean tr(Sigma) to the mean |G|^2 over the
+    last quarter of the run (what a ratio of EMAs over that span estimates). The default
+    half-life (a quarter of the samples so far) ends within 2x of it; a fixed half-life
+    longer than the run stays weighted to the early steps (measured: 44 against ~250)."""
+
+    class Exact(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx):
+            if trainer.global_step > 1125:
+                st = pl_module.problem.exact_stats(pl_module.linear.weight)
+                self.rows.append((float(st["trace_sigma"]), float(st["grad_sq"])))
+
+    def run(half_life):
+        seed_everything(0)
+        model = LeastSquaresModel(dim=8, lr=0.05, init_scale=3.0)
+        data = LeastSquaresData(dim=8, batch_size=8, num_samples=1 << 15, fresh=True)
+        cb = AdaptiveBatchSize(policy=FixedPolicy(), noise="per_example", ref_batch_size=8,
+                               half_life_samples=half_life)
+        exact = Exact()
+        trainer(tmp_path, [cb, exact], max_steps=1500).fit(model, data)
+        trace, grad = (sum(v) / len(v) for v in zip(*exact.rows))
+        return cb.estimator.gns, trace / grad
+
+    first = LeastSquaresModel(dim=8, init_scale=3.0)
+    first = float(first.problem.exact_stats(first.linear.weight)["gns"])
+    default, exact = run(None)
+    fixed, _ = run(20_000.0)
+    assert exact > 20 * first, (first, exact)  # the test needs a growing noise scale (26x)
+    assert exact / 2 < default < 2 * exact, (default, exact)
+    assert fixed < exact / 3, (fixed, exact)

@@ -56,6 +56,10 @@ NoiseSource = Literal["auto", "per_example", "microbatch"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
 
 _MIN_EFFECTIVE_STEPS = 8.0
+# The default half-life of the estimator: this fraction of the samples so far, and at least
+# this many steps of the current batch.
+_HALF_LIFE_FRACTION = 0.25
+_MIN_HALF_LIFE_STEPS = 16
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
 
@@ -87,6 +91,11 @@ class AdaptiveBatchSize(Callback):
             (grow the micro-batch up to ``max_micro_batch``, then accumulate).
         max_micro_batch: cap on the per-rank micro-batch in ``sampler``/``auto`` modes.
         half_life_samples: half-life of the noise-scale estimator's EMAs, in samples.
+            Default (``None``): a quarter of the samples trained so far, and at least
+            ``16`` steps of the current batch: the estimate then follows a noise scale that
+            grows with training progress (a fixed half-life longer than the run kept the
+            estimate near its early values: 11 against an exact ~10^4 on a least-squares
+            run, benchmarks/RESULTS.md).
         log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps
             (default: the trainer's ``log_every_n_steps``).
 
@@ -114,7 +123,7 @@ class AdaptiveBatchSize(Callback):
         max_samples: int | None = None,
         resize: ResizeMode = "accumulate",
         max_micro_batch: int | None = None,
-        half_life_samples: float = 20_000.0,
+        half_life_samples: float | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
@@ -141,7 +150,7 @@ class AdaptiveBatchSize(Callback):
         self.resize = check.choice("resize", resize, _RESIZE_MODES)
         self.max_micro_batch = check.count("max_micro_batch", max_micro_batch, optional=True)
         self.half_life_samples = check.number(
-            "half_life_samples", half_life_samples, 0.0, strict=True
+            "half_life_samples", half_life_samples, 0.0, strict=True, optional=True
         )
         self.log_every_n_steps = check.count(
             "log_every_n_steps", log_every_n_steps, optional=True
@@ -261,7 +270,7 @@ class AdaptiveBatchSize(Callback):
         refuse_other_layout_writers(trainer)
         self._reset_run_state()  # load_state_dict, on resume, comes after setup
         self._world = trainer.world_size
-        self._estimator = GNSEstimator(self.half_life_samples)
+        self._estimator = GNSEstimator(self.half_life_samples or _MIN_HALF_LIFE_STEPS)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
@@ -546,6 +555,10 @@ class AdaptiveBatchSize(Callback):
         self._notify_ema(trainer, batch)
         accepted = False
         if stats.skip is None:
+            if self.half_life_samples is None:
+                self._estimator.half_life_samples = max(
+                    _MIN_HALF_LIFE_STEPS * batch, _HALF_LIFE_FRACTION * self.samples
+                )
             accepted = self._estimator.update(stats.small_sq, stats.b, stats.big_sq, batch)
         else:
             self._estimator.record_skip()  # never reaches the estimate; counted
