@@ -742,7 +742,8 @@ class AdaptiveBatchSize(Callback):
             and self._target == obs.batch_size
             and branch.eval_ready
             and probe.should_start(samples=self.samples, batch_size=obs.batch_size,
-                                   gns=obs.gns, spent=branch.spent, last=branch.last)
+                                   gns=obs.gns, spent=branch.spent, last=branch.last,
+                                   planned_samples=self.max_samples)
         ):
             with self._noise_probe_paused():
                 branch.open(pl_module, optimizer, trainer, obs.batch_size)
