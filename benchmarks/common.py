@@ -6,7 +6,7 @@ and the torch / Lightning versions. It writes its results as one section of
 ``benchmarks/RESULTS.md`` between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers,
 replacing only its own section (other scripts write theirs to the same file, under a file lock).
 
-Also here, because ``time_to_target.py`` and ``rule_fidelity.py`` both need them:
+Also here, because several scripts need them (time_to_target, rule_fidelity, equal_budget):
 
 - `quiet_lightning` silences Lightning's info logs and warnings for hundreds of short fits;
 - `fast_trainer` builds a CPU `Trainer` with no logger, checkpointing or progress bar;
@@ -17,7 +17,11 @@ Also here, because ``time_to_target.py`` and ``rule_fidelity.py`` both need them
   (at B = 512 on the synthetic task, per-item fetching was half the step time);
 - `Progress`: a callback recording, at each optimizer step, samples, batch size, the
   measured noise scale and (on a schedule) an evaluation loss; it stops a run at a target
-  loss, a sample / step budget or divergence, and times training without the evaluations.
+  loss, a sample / step budget or divergence, and times training without the evaluations;
+- `pareto` / `frontier_steps` / `frontier_samples`: the fixed-batch (samples, steps) frontier
+  of a steps-to-target comparison;
+- `trajectory_model` / `predicted_saving`: McCandlish et al.'s App. D model of a run's
+  (B, B_noise) trajectory and the step saving it predicts.
 """
 
 from __future__ import annotations
@@ -363,3 +367,112 @@ class Progress(Callback):
 def set_threads(n: int) -> None:
     """Pin torch to ``n`` intra-op threads (tiny models: threads mostly add overhead)."""
     torch.set_num_threads(max(1, n))
+
+
+# ----------------------------------------------------------------------------- frontiers
+SAMPLE_TOLERANCE = 0.1  # fixed runs may spend this much more samples than the adaptive run
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(samples, steps) points no other point beats in both, sorted by samples."""
+    pts = sorted(p for p in points if all(map(math.isfinite, p)))
+    out: list[tuple[float, float]] = []
+    for e, s in pts:
+        if not out or s < out[-1][1]:
+            out.append((e, s))
+    return out
+
+
+def frontier_steps(front: list[tuple[float, float]], samples: float,
+                   tol: float = SAMPLE_TOLERANCE) -> float:
+    """Steps of the fixed frontier at ``(1 + tol) * samples`` (log-log interpolation).
+
+    The fixed runs are allowed ``tol`` more samples than the adaptive one: the frontier is
+    nearly vertical where every small batch needs about the same samples, and there a
+    comparison at exactly equal samples would turn seed noise in sample counts into large
+    "savings". Below the fewest samples any fixed run needed, the frontier is taken at
+    ``(1 + tol)`` times that (no fixed run reaches the target with fewer); above the most,
+    at its last point.
+    """
+    if not front or not math.isfinite(samples):
+        return math.nan
+    samples = max(samples, front[0][0]) * (1.0 + tol)
+    if samples <= front[0][0]:
+        return front[0][1]
+    if samples >= front[-1][0]:
+        return front[-1][1]
+    for (e0, s0), (e1, s1) in zip(front, front[1:]):
+        if e0 <= samples <= e1:
+            t = (math.log(samples) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
+    return math.nan
+
+
+def frontier_samples(front: list[tuple[float, float]], steps: float) -> float:
+    """Samples of the fixed frontier at ``steps`` (log-log interpolation, clamped).
+
+    More steps than the frontier's first point: its samples (no fixed run used fewer);
+    fewer steps than its last point: the last point's samples (no fixed run was faster).
+    """
+    if not front or not math.isfinite(steps):
+        return math.nan
+    if steps >= front[0][1]:
+        return front[0][0]
+    if steps <= front[-1][1]:
+        return front[-1][0]
+    for (e0, s0), (e1, s1) in zip(front, front[1:]):
+        if s1 <= steps <= s0:
+            t = (math.log(s0) - math.log(steps)) / (math.log(s0) - math.log(s1))
+            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
+    return math.nan
+
+
+# ----------------------------------------------------------------------------- the model
+def trajectory_model(record: RunRecord, key: str = "gns") -> dict[str, float]:
+    """gamma and P of McCandlish et al. 2018, App. D, from a run's per-step (B, B_noise).
+
+    ``key`` is ``"gns"`` (the callback's estimate) or a key of ``record.extra``. Steps before
+    the first finite estimate take that estimate. One step at batch B is worth
+    ``dS_min = B / (B + B_noise)`` minimal steps and ``dE_min = B_noise dS_min`` minimal
+    samples; averages are over that progress. Returns ``gamma = <sqrt B_noise>^2/<B_noise>``,
+    ``P = <B_noise/B><B>/<B_noise>`` (the schedule actually used), ``s_min`` / ``e_min`` (the
+    minimal steps / samples for the progress made), and ``first`` / ``last``, the medians of
+    the first / last tenth of the finite values.
+    """
+    bn = record.gns if key == "gns" else [row.get(key, math.nan) for row in record.extra]
+    finite = [v for v in bn if math.isfinite(v) and v > 0]
+    if not finite:
+        return dict.fromkeys(("gamma", "P", "first", "last", "s_min", "e_min"), math.nan)
+    w_sum = w_sqrt = w_bn = w_ratio = w_b = 0.0
+    last = finite[0]
+    for b, v in zip(record.batch, bn):
+        v = v if math.isfinite(v) and v > 0 else last
+        last = v
+        w = b / (b + v)
+        w_sum += w
+        w_sqrt += w * math.sqrt(v)
+        w_bn += w * v
+        w_ratio += w * v / b
+        w_b += w * b
+    tenth = max(1, len(finite) // 10)
+    return {
+        "gamma": (w_sqrt / w_sum) ** 2 / (w_bn / w_sum),
+        "P": (w_ratio / w_sum) * (w_b / w_sum) / (w_bn / w_sum),
+        "first": statistics.median(finite[:tenth]),
+        "last": statistics.median(finite[-tenth:]),
+        "s_min": w_sum,
+        "e_min": w_bn,
+    }
+
+
+def predicted_saving(tradeoff: float, samples: float, e_min: float) -> float:
+    """``1 - (1 + k/x) / (1 + 1/x)`` at sample overhead ``x = E/E_min - 1`` (k = gamma or P).
+
+    McCandlish et al.'s trade-off ``(S/S_min - 1)(E/E_min - 1) = k``: at equal samples a
+    schedule with ``k < 1`` needs that fraction fewer steps than a fixed batch (``k = 1``).
+    ``nan`` when an input is not finite or ``samples <= e_min``.
+    """
+    if not all(map(math.isfinite, (tradeoff, samples, e_min))) or samples <= e_min:
+        return math.nan
+    x = samples / e_min - 1.0
+    return 1.0 - (1.0 + tradeoff / x) / (1.0 + 1.0 / x)

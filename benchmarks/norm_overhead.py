@@ -30,8 +30,8 @@ that counts each new storage and uncounts it when it is freed. It counts tensors
 before profiling are invisible to it).
 
 Two model variants: ``linear`` attention (q/k/v/out as ``nn.Linear``, like the char-LM task)
-is the headline; ``mha`` uses ``nn.MultiheadAttention``, whose rule recomputes the module per
-example with ``vmap(grad)``.
+is the headline; ``mha`` uses ``nn.MultiheadAttention``, whose rule reads the module's own
+q/k/v and out projections during its forward (no recompute).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adabatch import PerExampleGradNorms
 from adabatch.noise import per_example
 
-TARGET = 1.25  # the issue's target: the probe adds <= 25% to a CPU training step
+TARGET = 1.2  # issue 10's target: the probe adds <= 20% to a CPU training step
 
 
 # ------------------------------------------------------------------------------------ model
@@ -370,8 +370,13 @@ def main(argv: list[str] | None = None) -> None:
         "a third of a Linear's forward+backward (ghost T(i+o)/(3io), materialised 1/3), so "
         "autograd's dW plus any separate norm pass has that floor; the simultaneous method "
         "(default) replaces dW for the layers where that third is largest (q/k/v/out, head) and "
-        "the ghost norm stays on the MLP. `nn.MultiheadAttention` adds a batched recompute of "
-        "its projections and attention (its packed weights are not visible to hooks).",
+        "the ghost norm stays on the MLP. `nn.MultiheadAttention`'s rule reads the q/k/v and "
+        "out projections of the module's own forward (`F.linear` tapped while it runs), so it "
+        "costs the norms of those four maps and no recompute (before issue 10: a batched "
+        "recompute of the attention, 37% of a plain step). Measured kernel costs at these "
+        "shapes (B=32, T=64, one thread): dW matmul 0.82 ms, simultaneous 1.19, ghost 0.94 for "
+        "a 128x128 layer; 3.4 / 5.4 / 2.5 for 128x512: the remaining overhead is mostly these "
+        "GEMMs, not Python.",
         "",
     ]
     for kind in kinds:

@@ -19,7 +19,10 @@ batch per optimizer step:
 All adabatch rows use ``policy=FixedPolicy()`` (measure only; the batch never changes).
 
 Step time: wall time between consecutive optimizer steps (``on_train_batch_end`` of the step's
-last micro-batch; CUDA synchronised), after ``--warmup`` steps; the median of all measured
+last micro-batch; CUDA synchronised), after ``--warmup`` steps, and on CPU also the main
+thread's CPU time over the same interval (``time.thread_time``; with 1 torch thread and no
+loader workers all the step's work runs there, and other processes on a shared machine do
+not inflate it); the median of all measured
 steps over ``--repeats`` runs, which are interleaved across configurations so that drifts in
 the machine's load hit all of them alike. The spread is the interquartile range.
 
@@ -60,6 +63,7 @@ class StepTimer(Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self._last_step = 0
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
@@ -70,6 +74,7 @@ class StepTimer(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.thread_time())
 
 
 def _status_kb(key: str) -> int | None:
@@ -148,7 +153,9 @@ def _child(name: str, args: argparse.Namespace, data: Any, conn: Any) -> None:
         t = timer.times
         t = t[args.warmup - 1:]  # the end of the last warm-up step starts the first measured
         steps = [b - a for a, b in zip(t, t[1:])]
-        conn.send({"steps": steps, "mem": mem, "mem_kind": kind})
+        c = timer.cpu_times[args.warmup - 1:]
+        cpu = [b - a for a, b in zip(c, c[1:])]
+        conn.send({"steps": steps, "cpu": cpu, "mem": mem, "mem_kind": kind})
     except Exception as e:  # report, don't hang the parent
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:
@@ -232,9 +239,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mems = [r["mem"] for r in runs[name] if "mem" in r]
         if not steps:
             return {"median": float("nan"), "q1": float("nan"), "q3": float("nan"),
-                    "mem": float("nan"), "n": 0}
+                    "cpu": float("nan"), "mem": float("nan"), "n": 0}
         q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
+        cpu = [s for r in runs[name] if "cpu" in r for s in r["cpu"]]
         return {"median": statistics.median(steps), "q1": q[0], "q3": q[2],
+                "cpu": statistics.median(cpu) if cpu else float("nan"),
                 "mem": max(mems) if mems else float("nan"), "n": len(steps)}
 
     stats = {n: summary(n) for n in names}
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{args.accumulate if accumulation == 'k' else 1}",
             f"{1e3 * s['median']:.1f} [{1e3 * s['q1']:.1f}, {1e3 * s['q3']:.1f}]",
             common.fmt(s["median"] / ref["median"], ".2f") + "x",
+            f"{1e3 * s['cpu']:.1f}",
+            common.fmt(s["cpu"] / ref["cpu"], ".3f") + "x",
             common.fmt(s["mem"], ".1f"),
             common.fmt(s["mem"] - ref["mem"], "+.1f"),
             str(s["n"]) + (f" ({'; '.join(errors)})" if errors else ""),
@@ -271,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         lines.append("- per-example (Triton): skipped, no CUDA device on this machine")
     lines += ["", common.md_table(
-        ["configuration", "micro x k", "ms per step", "vs off", "memory MiB",
+        ["configuration", "micro x k", "ms per step", "vs off", "CPU ms per step",
+         "CPU vs off", "memory MiB",
          "memory vs off MiB", "steps measured"], rows)]
     text = "\n".join(lines)
     print(text)

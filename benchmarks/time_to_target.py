@@ -69,7 +69,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import Progress, RunRecord, fmt, median_range  # noqa: E402
+from common import (  # noqa: E402
+    SAMPLE_TOLERANCE,
+    Progress,
+    RunRecord,
+    fmt,
+    frontier_samples,
+    frontier_steps,
+    median_range,
+    pareto,
+    predicted_saving,
+    trajectory_model,
+)
 
 from adabatch.control.policy import GoodputPolicy, NoisePolicy, RampPolicy  # noqa: E402
 from adabatch.control.rules import ScalingRules  # noqa: E402
@@ -78,7 +89,6 @@ SECTION = "time_to_target"
 TASKS = ("synthetic", "charlm", "digits")
 GOALS = {"synthetic": 0.25, "charlm": 0.20, "digits": 0.10}
 GATE_OFF = 1e9  # max_rel_std so large the policies always act on the estimate
-SAMPLE_TOLERANCE = 0.1  # fixed runs may spend this much more than the adaptive run
 
 
 # ============================================================================ settings
@@ -396,60 +406,6 @@ def adaptive_kwargs(a: Adaptive, b_min: int, b_max: int, lr_big: float, lr_small
 
 
 # ============================================================================ analysis
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(samples, steps) points no other point beats in both, sorted by samples."""
-    pts = sorted(p for p in points if all(map(math.isfinite, p)))
-    out: list[tuple[float, float]] = []
-    for e, s in pts:
-        if not out or s < out[-1][1]:
-            out.append((e, s))
-    return out
-
-
-def frontier_steps(front: list[tuple[float, float]], samples: float,
-                   tol: float = SAMPLE_TOLERANCE) -> float:
-    """Steps of the fixed frontier at ``(1 + tol) * samples`` (log-log interpolation).
-
-    The fixed runs are allowed ``tol`` more samples than the adaptive one: the frontier is
-    nearly vertical where every small batch needs about the same samples, and there a
-    comparison at exactly equal samples would turn seed noise in sample counts into large
-    "savings". Below the fewest samples any fixed run needed, the frontier is taken at
-    ``(1 + tol)`` times that (no fixed run reaches the target with fewer); above the most,
-    at its last point.
-    """
-    if not front or not math.isfinite(samples):
-        return math.nan
-    samples = max(samples, front[0][0]) * (1.0 + tol)
-    if samples <= front[0][0]:
-        return front[0][1]
-    if samples >= front[-1][0]:
-        return front[-1][1]
-    for (e0, s0), (e1, s1) in zip(front, front[1:]):
-        if e0 <= samples <= e1:
-            t = (math.log(samples) - math.log(e0)) / (math.log(e1) - math.log(e0))
-            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
-    return math.nan
-
-
-def frontier_samples(front: list[tuple[float, float]], steps: float) -> float:
-    """Samples of the fixed frontier at ``steps`` (log-log interpolation, clamped).
-
-    More steps than the frontier's first point: its samples (no fixed run used fewer);
-    fewer steps than its last point: the last point's samples (no fixed run was faster).
-    """
-    if not front or not math.isfinite(steps):
-        return math.nan
-    if steps >= front[0][1]:
-        return front[0][0]
-    if steps <= front[-1][1]:
-        return front[-1][0]
-    for (e0, s0), (e1, s1) in zip(front, front[1:]):
-        if s1 <= steps <= s0:
-            t = (math.log(s0) - math.log(steps)) / (math.log(s0) - math.log(s1))
-            return math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))
-    return math.nan
-
-
 def fit_mccandlish(fixed: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares fit (relative errors) of ``S = S_min + E_min / B`` to (B, steps)."""
     rows = [(b, s) for b, s in fixed if math.isfinite(s) and s > 0]
@@ -459,45 +415,6 @@ def fit_mccandlish(fixed: list[tuple[int, float]]) -> tuple[float, float]:
     y = torch.ones(len(rows), dtype=torch.float64)
     sol = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.squeeze(1)
     return float(sol[0]), float(sol[1])
-
-
-def trajectory_model(record: RunRecord, key: str = "gns") -> dict[str, float]:
-    """gamma and P of McCandlish's App. D from a run's per-step (B, B_noise).
-
-    ``key`` is ``"gns"`` (the callback's estimate) or a key of ``record.extra``. Steps before
-    the first finite estimate take that estimate. ``first`` / ``last`` are medians over the
-    first / last tenth of the steps.
-    """
-    bn = record.gns if key == "gns" else [row.get(key, math.nan) for row in record.extra]
-    finite = [v for v in bn if math.isfinite(v) and v > 0]
-    if not finite:
-        return {"gamma": math.nan, "P": math.nan, "first": math.nan, "last": math.nan}
-    w_sum = w_sqrt = w_bn = w_ratio = w_b = 0.0
-    last = finite[0]
-    for b, v in zip(record.batch, bn):
-        v = v if math.isfinite(v) and v > 0 else last
-        last = v
-        w = b / (b + v)  # McCandlish: one step at B is worth B / (B + B_noise) minimal steps
-        w_sum += w
-        w_sqrt += w * math.sqrt(v)
-        w_bn += w * v
-        w_ratio += w * v / b
-        w_b += w * b
-    tenth = max(1, len(finite) // 10)
-    return {
-        "gamma": (w_sqrt / w_sum) ** 2 / (w_bn / w_sum),
-        "P": (w_ratio / w_sum) * (w_b / w_sum) / (w_bn / w_sum),
-        "first": statistics.median(finite[:tenth]),
-        "last": statistics.median(finite[-tenth:]),
-    }
-
-
-def predicted_saving(tradeoff: float, samples: float, e_min: float) -> float:
-    """1 - (1 + k/x) / (1 + 1/x) at sample overhead x = E/E_min - 1 (k = gamma or P)."""
-    if not all(map(math.isfinite, (tradeoff, samples, e_min))) or samples <= e_min:
-        return math.nan
-    x = samples / e_min - 1.0
-    return 1.0 - (1.0 + tradeoff / x) / (1.0 + 1.0 / x)
 
 
 # ============================================================================ per task

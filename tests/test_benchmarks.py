@@ -4,6 +4,7 @@ tests of the analysis helpers they share."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -56,17 +57,17 @@ def test_geometric_schedule_is_dense_then_sparse():
 
 # ----------------------------------------------------------------------------- analysis
 def test_pareto_and_frontier_interpolation():
-    front = ttt.pareto([(100.0, 50.0), (200.0, 20.0), (150.0, 60.0), (400.0, 10.0),
+    front = common.pareto([(100.0, 50.0), (200.0, 20.0), (150.0, 60.0), (400.0, 10.0),
                         (800.0, 10.0), (math.nan, 1.0)])
     assert front == [(100.0, 50.0), (200.0, 20.0), (400.0, 10.0)]
     # log-log midpoint between (200, 20) and (400, 10), no tolerance
-    assert ttt.frontier_steps(front, 200 * math.sqrt(2), tol=0.0) == pytest.approx(
+    assert common.frontier_steps(front, 200 * math.sqrt(2), tol=0.0) == pytest.approx(
         20 / math.sqrt(2))
     # below the fewest samples: that point, plus the tolerance
-    assert ttt.frontier_steps(front, 10.0, tol=0.0) == 50.0
-    assert ttt.frontier_steps(front, 1e9, tol=0.0) == 10.0
-    assert ttt.frontier_samples(front, 20.0) == pytest.approx(200.0)
-    assert ttt.frontier_samples(front, 1.0) == 400.0
+    assert common.frontier_steps(front, 10.0, tol=0.0) == 50.0
+    assert common.frontier_steps(front, 1e9, tol=0.0) == 10.0
+    assert common.frontier_samples(front, 20.0) == pytest.approx(200.0)
+    assert common.frontier_samples(front, 1.0) == 400.0
 
 
 def test_mccandlish_fit_recovers_the_model():
@@ -81,15 +82,24 @@ def test_trajectory_model_gamma_and_p():
     # B = c * B_noise along a growing B_noise: P = 1 (no saving), gamma < 1
     rec.gns = [10.0 * 1.1**i for i in range(60)]
     rec.batch = [max(1, round(0.5 * g)) for g in rec.gns]
-    out = ttt.trajectory_model(rec)
+    out = common.trajectory_model(rec)
     assert out["P"] == pytest.approx(1.0, abs=0.02)
     assert out["gamma"] < 0.9
-    # constant B_noise: gamma = 1 whatever the batch
+    # constant B_noise: gamma = 1 whatever the batch; each step is worth B / (B + B_noise)
+    # minimal steps and B_noise times that in minimal samples
     rec.gns = [50.0] * 20
     rec.batch = [8] * 20
-    assert ttt.trajectory_model(rec)["gamma"] == pytest.approx(1.0)
-    assert ttt.predicted_saving(1.0, 2000.0, 1000.0) == pytest.approx(0.0)
-    assert ttt.predicted_saving(0.5, 2000.0, 1000.0) == pytest.approx(0.25)
+    out = common.trajectory_model(rec)
+    assert out["gamma"] == pytest.approx(1.0)
+    assert out["s_min"] == pytest.approx(20 * 8 / 58)
+    assert out["e_min"] == pytest.approx(20 * 8 * 50 / 58)
+    # B_noise 1 for half the progress and 100 for the other half: gamma = (5.5^2) / 50.5
+    rec.gns = [1.0] * 10 + [100.0] * 10
+    rec.batch = [1] * 10 + [100] * 10  # each step worth 1/2 a minimal step
+    assert common.trajectory_model(rec)["gamma"] == pytest.approx(5.5**2 / 50.5)
+    assert common.predicted_saving(1.0, 2000.0, 1000.0) == pytest.approx(0.0)
+    assert common.predicted_saving(0.5, 2000.0, 1000.0) == pytest.approx(0.25)
+    assert math.isnan(common.predicted_saving(0.5, 900.0, 1000.0))
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -121,3 +131,95 @@ def test_overhead_quick(results):
     section = _section(results, "overhead")
     assert "micro-batch probe" in section and "per-example (torch)" in section
     assert all(s["n"] > 0 and s["median"] > 0 for s in out["stats"].values())
+
+
+# ----------------------------------------------------------------------------- equal_budget
+eb = importlib.import_module("equal_budget")
+
+
+def _point(steps: float, losses: list[float], kind: str = "fixed", seed0: int = 0) -> object:
+    runs = [{"steps": steps, "final_loss": v, "wall": 0.0, "seed": seed0 + i}
+            for i, v in enumerate(losses)]
+    return eb.Point(f"{kind}{steps}", kind, 16, 0.1, runs)
+
+
+def test_equal_budget_compare_savings_and_domination():
+    fixed = [_point(100, [1.00, 1.02]), _point(50, [1.05, 1.06]), _point(25, [1.20, 1.25])]
+    # loss equal to the best fixed batch's (overlapping, per-seed differences of both signs):
+    # a saving against it, not dominated
+    c = eb.compare(_point(60, [1.01, 1.01], "default"), fixed)
+    assert c["best"] is fixed[0] and c["vs_best"] == pytest.approx(0.4)
+    assert c["matched"] is fixed[0] and c["dominated_by"] == []
+    assert c["paired"] == pytest.approx([0.01, -0.01])  # seed by seed
+    # overlapping ranges but worse on every seed: worse beyond the (paired) spread
+    c = eb.compare(_point(60, [1.01, 1.03], "default"), fixed)
+    assert math.isnan(c["vs_best"]) and c["dominated_by"] == []
+    # worse than the best beyond the spread: no saving against it; the 50-step batch is
+    # better beyond the spread in fewer steps, so it dominates and is the matched one
+    c = eb.compare(_point(60, [1.10, 1.12], "default"), fixed)
+    assert math.isnan(c["vs_best"])
+    assert c["matched"] is fixed[1] and c["vs_matched"] == pytest.approx(-0.2)
+    assert c["dominated_by"] == [fixed[1]]
+    # unpaired (other seeds): equal steps count as "as few steps"; touching ranges are not
+    # "beyond the spread", disjoint ones are
+    c = eb.compare(_point(50, [1.06, 1.08], "default", seed0=10), fixed)
+    assert c["dominated_by"] == [] and c["matched"] is fixed[1]
+    c = eb.compare(_point(50, [1.0601, 1.08], "default", seed0=10), fixed)
+    assert c["dominated_by"] == [fixed[1]]
+    # a diverged run has no saving
+    c = eb.compare(_point(50, [math.inf, 1.0], "default"), fixed)
+    assert math.isnan(c["vs_best"]) and c["matched"] is None
+
+
+def test_equal_budget_quick(results, tmp_path):
+    argv = ["--quick", "--results", str(results), "--figures", str(tmp_path / "fig"),
+            "--data", str(tmp_path / "data")]
+    (out,) = eb.main(argv)
+    task = out["task"]
+    section = _section(results, "equal_budget")
+    assert "- command: `python benchmarks/equal_budget.py --quick" in section
+    # not dominated, the three high-growth goals and the constant-lr check
+    assert section.count("- goal: ") == 5
+    runs = out["raw"]["tuning"] + out["raw"]["runs"] + [r for p in out["adaptive"]
+                                                       for r in p.runs]
+    # equal budget: every run stops at the first step that reaches N (or diverges: lr tuning)
+    assert all(task.budget <= r["samples"] < task.budget + max(task.batches)
+               for r in runs if not r["diverged"])
+    assert sum(not r["diverged"] for r in runs) >= len(runs) - 2
+    # the schedule is the closed form in samples, for fixed and adaptive runs alike
+    assert out["schedule_error"] < 1e-6
+    assert {r["kind"] for r in runs} == {"fixed", "default", "ramp"}
+    fixed_steps = {p.batch: p.steps for p in out["fixed"]}
+    assert fixed_steps == {b: task.budget / b for b in task.batches}
+    assert (tmp_path / "fig" / f"equal_budget_{task.name}.png").stat().st_size > 0
+    # the adaptive runs alone, against the cached fixed runs
+    (again,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
+    assert again["raw"] == json.loads(json.dumps(out["raw"]))
+    assert [p.kind for p in again["adaptive"]] == ["default"]
+
+
+def test_doubling_ramp_spends_equal_samples_per_size():
+    from adabatch.control.policy import BatchBounds, Observation
+
+    ramp = eb.DoublingRamp(budget=700)
+    ramp.bind(BatchBounds(16, 128, granularity=16))
+    # 4 sizes (16, 32, 64, 128), each for 700 / 4 = 175 samples, then the top
+    sizes = [ramp.target(Observation(s, 0, 16)) for s in (0, 174, 175, 349, 350, 525, 10_000)]
+    assert sizes == [16.0, 16.0, 32.0, 32.0, 64.0, 128.0, 128.0]
+
+
+# ----------------------------------------------------------------------------- mutants
+def test_every_mutant_applies_to_todays_code(tmp_path):
+    """benchmarks/mutants.py is run by hand; this keeps its patches from drifting silently."""
+    mutants = importlib.import_module("mutants")
+    names = [m.name for m in mutants.MUTANTS]
+    assert len(names) == len(set(names)) >= 6
+    root = Path(mutants.ROOT)
+    for m in mutants.MUTANTS:
+        target = tmp_path / m.name / m.path
+        target.parent.mkdir(parents=True)
+        target.write_text((root / m.path).read_text())
+        mutants.apply(m, tmp_path / m.name)  # raises unless the old text occurs exactly once
+        assert target.read_text() != (root / m.path).read_text()
+        for test in m.tests:
+            assert (root / test.split("::")[0]).is_file(), test

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_helpers import SamplerData, StepRecorder, model_near_optimum, trainer
 
@@ -92,7 +92,7 @@ def test_noise_policy_settles_at_c_times_the_exact_noise_scale(tmp_path):
         noise="per_example",
         policy=NoisePolicy(scale=c, confidence=0.0, hysteresis=0.05, never_decrease=False),
         resize="sampler", half_life_samples=4_000, min_batch_size=4, max_batch_size=512,
-    )
+    )  # confidence=0: c * B_noise itself (the lower bound, z = 2, settles below it)
     trainer(tmp_path, [cb], max_epochs=1, max_steps=-1).fit(model, data)
     assert cb.estimator.gns == pytest.approx(exact, rel=0.1)
     assert cb.batch_size == pytest.approx(c * exact, rel=0.2)
@@ -288,3 +288,253 @@ def test_resume_keeps_the_bounds_of_the_starting_batch(tmp_path):
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     assert resumed.policy.bounds == fresh.policy.bounds
     assert (fresh.policy.bounds.lo, fresh.policy.bounds.hi) == (4, 256)
+
+
+def test_default_lr_rule_saturates_where_the_linear_rule_diverges(tmp_path):
+    """SGD at half its stability limit at B_ref = 16, then a ramp to 64 x B_ref. Far from w*
+    the gradient dominates (B_noise ~ 10), so a larger batch buys little: the linear rule
+    multiplies the lr by 64 (far past 2 / lambda_max) and diverges; the default (AdaScale
+    gain, at most 1 + B_noise / B_ref) keeps the run finite and still converging (measured:
+    the linear rule reached 3e23 by step 15; the default stayed near 0.85 from 13.2). The
+    gain bounds the lr by the measured noise, not by the curvature: near w* (B_noise large)
+    it grows again; the loss-spike guard is the backstop there."""
+
+    def run(rule):
+        seed_everything(0)
+        lam = float(LeastSquaresModel(dim=16).problem.spectrum.max())
+        model = LeastSquaresModel(dim=16, init_scale=3.0, lr=1.0 / lam)  # lr lambda_max < 2
+        data = SamplerData(dim=16, batch_size=16, num_samples=1 << 16)
+        cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=2000, spike_factor=None),
+                               rules=ScalingRules(lr=rule), resize="sampler",
+                               ref_batch_size=16, max_batch_size=1024, noise="per_example",
+                               half_life_samples=500)
+        rec = StepRecorder()
+        trainer(tmp_path, [cb, rec], max_steps=60).fit(model, data)
+        return [r["loss"] for r in rec.rows], cb
+
+    linear, _ = run("kappa")
+    default, cb = run("auto")
+    assert cb.batch_size >= 512  # kappa >= 32
+    assert not math.isfinite(linear[-1]) or linear[-1] > 1e6 * linear[0]
+    assert math.isfinite(default[-1]) and default[-1] < default[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_batch_size": 4}, r"starting global batch of 8 .*max_batch_size=4"),
+        ({"min_batch_size": 12}, r"starting global batch 8 .*min_batch_size=16"),  # 12 -> 16
+        ({"min_batch_size": 5, "max_batch_size": 7}, "no multiple of granularity=8"),
+    ],
+)
+def test_bounds_that_cannot_be_honoured_are_refused(tmp_path, kwargs, match):
+    """One bounds object: rounded inward on the micro-batch grid, and the run must start
+    inside them (a max below the start was silently raised to it)."""
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = LeastSquaresData(dim=4, batch_size=8, num_samples=64)
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=8, **kwargs)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(tmp_path, [cb], max_steps=2).fit(model, data)
+
+
+def test_min_batch_size_rounds_up_to_the_grid(tmp_path):
+    model = LeastSquaresModel(dim=4, lr=0.05)
+    data = SamplerData(dim=4, batch_size=4, num_samples=64)
+    cb = AdaptiveBatchSize(policy=RampPolicy(ramp_samples=0), min_batch_size=4,
+                           max_batch_size=10, resize="sampler", ref_batch_size=4)
+    trainer(tmp_path, [cb], max_steps=2).fit(model, data)
+    assert (cb.policy.bounds.lo, cb.policy.bounds.hi) == (4, 8)
+
+
+# ------------------------------------------------------------------ checkpoint state
+_GOOD_STATE = {
+    "version": 1, "samples": 96, "steps": 12, "micro0": 4, "start": 8, "ref_batch_size": 8,
+    "target": 16, "split": [4, 4], "pending": None,
+    "history": [{"step": 5, "samples": 40, "batch_size": 16, "from": 8}],
+    "estimator": {"version": 1, "weight": 0.5, "weight_sq": 0.1, "mean_grad_sq": 1.0,
+                  "mean_trace_sigma": 20.0, "m2_grad_sq": 0.1, "m2_trace_sigma": 2.0,
+                  "c2_grad_sq_trace_sigma": -0.3, "last_grad_sq": 1.1,
+                  "last_trace_sigma": math.nan, "num_updates": 12, "num_skipped": 0,
+                  "samples": 96.0},
+    "decider": {"last_change_samples": 40, "num_changes": 1},
+}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("split", [4], r"split=\[4\] must be \[micro_batch, accumulation\]"),
+    ("split", [0, 0], r"split\[0\] \(micro-batch\)=0"),
+    ("split", [4, 1.5], r"split\[1\] \(accumulation\)=1.5"),
+    ("pending", "4x2", "pending='4x2'"),
+    ("micro0", 0, "micro0=0"),
+    ("start", "8", "start='8'"),
+    ("start", 6, "start=6 must be a multiple of micro0=4"),
+    ("ref_batch_size", 0, "ref_batch_size=0"),
+    ("ref_batch_size", True, "ref_batch_size=True"),
+    ("target", -16, "target=-16"),
+    ("samples", -1, "samples=-1"),
+    ("steps", 2.0, "steps=2.0"),
+    ("version", 99, "version=99 is newer"),
+    ("estimator", "gns=3", "estimator='gns=3'"),
+    ("estimator", {"mean_grad_sq": math.nan}, "estimator.mean_grad_sq=nan"),
+    ("estimator", {"mean_trace_sigma": math.inf}, "estimator.mean_trace_sigma=inf"),
+    ("estimator", {"weight": -0.1}, "estimator.weight=-0.1"),
+    ("estimator", {"num_updates": "3"}, "estimator.num_updates='3'"),
+    ("estimator", {"version": 7}, "estimator.version=7"),
+    ("decider", {"num_changes": -1}, "decider.num_changes=-1"),
+    ("history", [{"step": 1, "samples": 8, "batch_size": 0, "from": 8}],
+     r"history\[0\].batch_size=0"),
+    ("history", "none", "history='none'"),
+    ("policy", {"step_time": [[8, math.nan]]}, r"policy.step_time\[0\]\[1\]=nan"),
+    ("policy", {"decider": {"num_changes": -1}}, "policy.decider.num_changes=-1"),
+    ("policy", {"loss_ema": math.nan}, "policy.loss_ema=nan"),
+    ("policy", {"reverts": "1"}, "policy.reverts='1'"),
+    ("policy", {"log_rho": "big"}, "policy.log_rho='big'"),
+    ("policy", {"results": [{"samples": 8}]}, "missing or unknown fields"),
+    ("branch", {"spent": -1.0}, "probe.spent=-1.0"),
+    ("branch", {"window": {"l0": 1.0}}, "probe.window must hold"),
+])
+def test_bad_checkpoint_state_is_refused_at_load_naming_the_field(field, value, message):
+    state = {**_GOOD_STATE, field: value}
+    # the default policy: its own fields (calibration, probe) are checked at load as well
+    cb = AdaptiveBatchSize() if field in ("policy", "branch") else AdaptiveBatchSize(
+        policy=FixedPolicy())
+    with pytest.raises(ValueError, match=message):
+        cb.load_state_dict(state)
+    assert cb.samples == 0 and cb.steps == 0 and cb.history == [] and cb._restored is None
+
+
+def test_good_checkpoint_state_loads():
+    cb = AdaptiveBatchSize(policy=FixedPolicy())
+    cb.load_state_dict(_GOOD_STATE)
+    assert (cb.samples, cb.steps, cb.history) == (96, 12, _GOOD_STATE["history"])
+
+
+def test_the_constructors_ref_batch_size_wins_over_the_checkpoints(tmp_path):
+    """Saved with ref 4, resumed with an explicit ref 8: a warning, and kappa = B / 8."""
+
+    def run(root, ref, ckpt_path=None):
+        seed_everything(0)
+        model = LeastSquaresModel(dim=4, lr=0.05, init_scale=1.0)
+        data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
+        cb = AdaptiveBatchSize(policy=FixedPolicy(), ref_batch_size=ref)
+        rec = StepRecorder()
+        save = [ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1,
+                                filename="{step}")] if ckpt_path is None else []
+        trainer(root, [cb, rec, *save], max_steps=4, accumulate_grad_batches=2,
+                enable_checkpointing=not ckpt_path).fit(model, data, ckpt_path=ckpt_path)
+        return rec
+
+    run(tmp_path / "a", ref=4)
+    with pytest.warns(UserWarning, match="ref_batch_size=8 differs from the checkpoint's 4"):
+        rec = run(tmp_path / "b", ref=8, ckpt_path=str(tmp_path / "a" / "step=2.ckpt"))
+    assert {r["lr"] for r in rec.rows} == {0.05}  # B = 8 = ref: the user's lr, unscaled
+
+
+# ------------------------------------------------------------------ one owner of the layout
+def _ramp(start, end, ramp_samples, **kwargs):
+    from resume_run import ramp_callback  # the one place that spells the ramp policy
+
+    return ramp_callback(start, end, ramp_samples, **kwargs)
+
+
+@pytest.mark.parametrize("conflict", ["scheduler", "dict"])
+def test_other_layout_writers_are_refused_at_setup(tmp_path, conflict):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    cb = AdaptiveBatchSize(policy=FixedPolicy(), max_batch_size=8)
+    callbacks, kwargs, message = [cb], {}, "GradientAccumulationScheduler"
+    if conflict == "scheduler":
+        callbacks.append(GradientAccumulationScheduler({0: 4}))
+    else:  # Lightning 2.6 stores a dict unchecked, then fails on `ready % dict` mid-run
+        kwargs, message = {"accumulate_grad_batches": {0: 2}}, "accumulate_grad_batches="
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer(tmp_path, callbacks, max_steps=4, **kwargs).fit(LeastSquaresModel(dim=4), data)
+
+
+def test_a_layout_written_behind_the_callbacks_back_is_refused(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Meddler(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.accumulate_grad_batches = 3
+
+    data = LeastSquaresData(dim=4, batch_size=4, num_samples=256)
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=3 was changed"):
+        trainer(tmp_path, [AdaptiveBatchSize(policy=FixedPolicy()), Meddler()],
+                max_steps=8).fit(LeastSquaresModel(dim=4), data)
+
+
+@pytest.mark.parametrize("resize", ["accumulate", "sampler"])
+def test_a_decided_change_lands_within_an_epoch_and_is_logged_when_it_acts(tmp_path, resize):
+    """40 samples, micro-batch 4, ramp 4 -> 16: a change to accumulation 4 decided mid-epoch
+    at a boundary it cannot take (10 batches % 4) used to wait for an epoch start that never
+    came (the epoch-start test read batch_progress before Lightning reset it). Every change
+    must act within one epoch of its decision, and the logged micro-batch and accumulation of
+    each step must be the ones it ran with."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    model = LeastSquaresModel(dim=4, lr=0.01)
+    data = (SamplerData if resize == "sampler" else LeastSquaresData)(
+        dim=4, batch_size=4, num_samples=40)
+    cb = _ramp(4, 16, ramp_samples=200, resize=resize, ref_batch_size=4)
+    rec = StepRecorder()
+    logger = CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, [cb, rec], max_epochs=12, logger=logger, log_every_n_steps=1).fit(
+        model, data)
+    assert cb._pending is None and cb.history[-1]["batch_size"] == 16
+    batches = [r["batch"] for r in rec.rows]
+    steps_per_epoch = 40 // 4  # at most: one per micro-batch
+    ends = [c["step"] for c in cb.history[1:]] + [len(batches)]
+    for change, end in zip(cb.history, ends):  # "step": steps done when it was decided
+        # it acts within an epoch (+ the loader's prefetch), unless the next change is first
+        window = batches[change["step"]: min(end, change["step"] + steps_per_epoch + 2)]
+        assert change["batch_size"] in window or end < change["step"] + steps_per_epoch, (
+            change, window)
+    assert batches[-6:] == [16, 16, 8] * 2  # 40 samples an epoch: 16 + 16 + a short 8
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("adabatch/batch_size")]
+    assert len(logged) == len(rec.rows)
+    for row, step in zip(logged, rec.rows):
+        micro, acc = float(row["adabatch/micro_batch"]), float(row["adabatch/accumulation"])
+        assert micro * acc == step["batch"] == float(row["adabatch/batch_size"]), (row, step)
+
+
+def test_the_default_half_life_follows_a_growing_noise_scale(tmp_path):
+    """SGD from far to near w*: the exact B_noise grows ~25x, then wanders at the noise
+    floor. The oracle is the exact ratio of the mean tr(Sigma) to the mean |G|^2 over the
+    last quarter of the run (what a ratio of EMAs over that span estimates). The default
+    half-life (a quarter of the samples so far) ends within 2x of it; a fixed half-life
+    longer than the run stays weighted to the early steps (measured: 44 against ~250)."""
+
+    class Exact(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx):
+            if trainer.global_step > 1125:
+                st = pl_module.problem.exact_stats(pl_module.linear.weight)
+                self.rows.append((float(st["trace_sigma"]), float(st["grad_sq"])))
+
+    def run(half_life):
+        seed_everything(0)
+        model = LeastSquaresModel(dim=8, lr=0.05, init_scale=3.0)
+        data = LeastSquaresData(dim=8, batch_size=8, num_samples=1 << 15, fresh=True)
+        cb = AdaptiveBatchSize(policy=FixedPolicy(), noise="per_example", ref_batch_size=8,
+                               half_life_samples=half_life)
+        exact = Exact()
+        trainer(tmp_path, [cb, exact], max_steps=1500).fit(model, data)
+        trace, grad = (sum(v) / len(v) for v in zip(*exact.rows))
+        return cb.estimator.gns, trace / grad
+
+    first = LeastSquaresModel(dim=8, init_scale=3.0)
+    first = float(first.problem.exact_stats(first.linear.weight)["gns"])
+    default, exact = run(None)
+    fixed, _ = run(20_000.0)
+    assert exact > 20 * first, (first, exact)  # the test needs a growing noise scale (26x)
+    assert exact / 2 < default < 2 * exact, (default, exact)
+    assert fixed < exact / 3, (fixed, exact)

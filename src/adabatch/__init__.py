@@ -13,6 +13,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdaptiveBatchSize": "adabatch.callback",
+    "Policy": "adabatch.control.policy",
+    "CriticalBatchPolicy": "adabatch.control.policy",
+    "NoisePolicy": "adabatch.control.policy",
+    "GoodputPolicy": "adabatch.control.policy",
+    "RampPolicy": "adabatch.control.policy",
+    "FixedPolicy": "adabatch.control.policy",
+    "CriticalBatchProbe": "adabatch.control.critical",
+    "ScalingRules": "adabatch.control.rules",
     "GradientNoiseScale": "adabatch.noise.estimator",
     "GNSEstimator": "adabatch.noise.estimator",
     "PerExampleGradNorms": "adabatch.noise.per_example",

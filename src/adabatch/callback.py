@@ -16,6 +16,7 @@ their state. See ARCHITECTURE.md for the data flow. Per optimizer step:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Any, Literal
@@ -30,21 +31,39 @@ from adabatch import validation as check
 from adabatch.branch import BranchRunner
 from adabatch.control.apply import OptimizerScaler
 from adabatch.control.policy import BatchBounds, CriticalBatchPolicy, Observation, Policy
-from adabatch.control.resize import Split, can_change_accumulation, split_global_batch
+from adabatch.control.resize import (
+    Split,
+    can_change_accumulation,
+    check_layout_unchanged,
+    refuse_other_layout_writers,
+    split_global_batch,
+)
+from adabatch.control.restart import repair_epoch_end_restart
 from adabatch.control.rules import ScalingRules, adascale_gain
 from adabatch.noise.estimator import GNSEstimator
 from adabatch.noise.microbatch import MicroBatchGradNorms
 from adabatch.noise.per_example import PerExampleGradNorms
+from adabatch.noise.step_stats import (
+    SKIP_NO_NORMS,
+    SKIP_NO_SMALL_BATCH,
+    StepStats,
+    big_batch_sq_norm,
+    reduce_step_stats,
+)
 from adabatch.progress import split_progress_metrics, sync_train_total
+from adabatch.state import STATE_VERSION, validate_state
 from adabatch.summary import RunSummary, print_summary
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
 
 _MIN_EFFECTIVE_STEPS = 8.0
+# The default half-life of the estimator: this fraction of the samples so far, and at least
+# this many steps of the current batch.
+_HALF_LIFE_FRACTION = 0.25
+_MIN_HALF_LIFE_STEPS = 16
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
-_STATE_VERSION = 2
 
 
 class AdaptiveBatchSize(Callback):
@@ -74,6 +93,11 @@ class AdaptiveBatchSize(Callback):
             (grow the micro-batch up to ``max_micro_batch``, then accumulate).
         max_micro_batch: cap on the per-rank micro-batch in ``sampler``/``auto`` modes.
         half_life_samples: half-life of the noise-scale estimator's EMAs, in samples.
+            Default (``None``): a quarter of the samples trained so far, and at least
+            ``16`` steps of the current batch: the estimate then follows a noise scale that
+            grows with training progress (a fixed half-life longer than the run kept the
+            estimate near its early values: 11 against an exact ~10^4 on a least-squares
+            run, benchmarks/RESULTS.md).
         log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps
             (default: the trainer's ``log_every_n_steps``).
 
@@ -101,7 +125,7 @@ class AdaptiveBatchSize(Callback):
         max_samples: int | None = None,
         resize: ResizeMode = "accumulate",
         max_micro_batch: int | None = None,
-        half_life_samples: float = 20_000.0,
+        half_life_samples: float | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
@@ -128,7 +152,7 @@ class AdaptiveBatchSize(Callback):
         self.resize = check.choice("resize", resize, _RESIZE_MODES)
         self.max_micro_batch = check.count("max_micro_batch", max_micro_batch, optional=True)
         self.half_life_samples = check.number(
-            "half_life_samples", half_life_samples, 0.0, strict=True
+            "half_life_samples", half_life_samples, 0.0, strict=True, optional=True
         )
         self.log_every_n_steps = check.count(
             "log_every_n_steps", log_every_n_steps, optional=True
@@ -166,7 +190,6 @@ class AdaptiveBatchSize(Callback):
         self._pending: Split | None = None  # layout waiting for an aligned boundary
         self._local_samples = 0
         self._local_batches = 0
-        self._warned_no_small_batch = False
         self._step_stats: dict[str, float] | None = None
         self._t_last: float | None = None
         self._restored: dict[str, Any] | None = None
@@ -189,7 +212,7 @@ class AdaptiveBatchSize(Callback):
         if not self.enabled:
             return {}
         state: dict[str, Any] = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "samples": self.samples,
             "steps": self.steps,
             "history": list(self.history),
@@ -213,11 +236,22 @@ class AdaptiveBatchSize(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self.enabled or not state_dict:
             return
-        # Applied in on_train_start: the trainer, optimizer and loader exist only then.
-        self._restored = dict(state_dict)
-        self.samples = int(state_dict.get("samples", 0))
-        self.steps = int(state_dict.get("steps", 0))
-        self.history = list(state_dict.get("history", []))
+        # Checked whole before any of it is kept (adabatch/state.py): a bad field is refused
+        # here, naming it, never half-applied. Applied in on_train_start: the trainer,
+        # optimizer and loader exist only then.
+        state = validate_state(state_dict)
+        # The policy's and the probe's own fields: checked on throw-away copies now, so a
+        # bad one is refused here too (they are applied in on_train_start).
+        if "policy" in state:
+            trial = copy.deepcopy(self.policy)
+            trial.bind(BatchBounds(1, 1 << 40))
+            trial.load_state_dict(state["policy"])
+        if "branch" in state and self.policy.probe is not None:
+            BranchRunner(self.policy.probe).load_state_dict(state["branch"])
+        self._restored = state
+        self.samples = state["samples"]
+        self.steps = state["steps"]
+        self.history = state["history"]
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -237,9 +271,10 @@ class AdaptiveBatchSize(Callback):
                     f"resize={self.resize!r} uses a ResizableBatchSampler without one. Use an "
                     "int or 1.0."
                 )
+        refuse_other_layout_writers(trainer)
         self._reset_run_state()  # load_state_dict, on resume, comes after setup
         self._world = trainer.world_size
-        self._estimator = GNSEstimator(self.half_life_samples)
+        self._estimator = GNSEstimator(self.half_life_samples or _MIN_HALF_LIFE_STEPS)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
@@ -275,7 +310,8 @@ class AdaptiveBatchSize(Callback):
                 "Use adabatch.data.ResizableDataLoader for an exact resume."
             )
         self._wrap_optimizer_step(trainer)
-        self._attach_probe(pl_module)
+        self._attach_probe(trainer, pl_module)
+        repair_epoch_end_restart(trainer)  # before the epoch loop starts (control/restart.py)
         if self._restored is not None:
             self._apply_restored(trainer)
         self._t_last = None
@@ -334,14 +370,33 @@ class AdaptiveBatchSize(Callback):
             self._scaler.close()
             self._scaler = None
 
-    def _attach_probe(self, pl_module: Any) -> None:
+    def _attach_probe(self, trainer: Any, pl_module: Any) -> None:
+        """Choose and attach the probe; say plainly, once, what is measured and what is not."""
+        self._warned: set[str] = set()
+        self._covered_fraction = 0.0
+        # A small batch below the global one exists for micro-batch statistics only with
+        # several ranks or accumulation (the policy may add accumulation later).
+        small_batch = self._world > 1 or trainer.accumulate_grad_batches > 1
+        compiled = _compiled_modules(pl_module)
         source = self.noise
         if source == "auto":
-            # Per-example statistics (b = 1) work on one device with no accumulation; use
-            # them when the probe covers the whole model, else micro-batch statistics.
             probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
             probe.attach()
-            if probe.uncovered:
+            if compiled:
+                # Module hooks do not fire inside a compiled graph; parameter tensor hooks
+                # (the micro-batch probe) do (tests/test_measurement_e2e.py).
+                probe.detach()
+                source = "microbatch"
+                rank_zero_info(
+                    f"adabatch: noise='auto' uses micro-batch statistics: {compiled[0]!r} is "
+                    "torch.compile'd, and the per-example probe's module hooks do not fire in "
+                    "a compiled graph"
+                )
+            elif not probe.uncovered:
+                self._probe, self._source = probe, "per_example"
+                self._covered_params(pl_module)
+                return
+            elif small_batch or not probe.covered:
                 probe.detach()
                 source = "microbatch"
                 rank_zero_info(
@@ -350,20 +405,56 @@ class AdaptiveBatchSize(Callback):
                     f"(e.g. {probe.uncovered[0]})"
                 )
             else:
+                # No small batch for micro-batch statistics: measure the covered subset, which
+                # predicts the whole model's noise scale well (Gray et al. 2024).
                 self._probe, self._source = probe, "per_example"
+                self._covered_params(pl_module)
+                rank_zero_warn(
+                    "adabatch: noise='auto' measures the noise scale over the parameters the "
+                    f"per-example probe covers only ({self._covered_fraction:.1%} of the "
+                    f"trainable parameters; not measured: {_names(probe.uncovered)}): one "
+                    "device and no accumulation leave no small batch for micro-batch "
+                    "statistics. Logged as adabatch/covered_fraction."
+                )
                 return
         if source == "per_example":
             self._probe = PerExampleGradNorms(pl_module, loss_reduction="mean")
             self._probe.attach()
-            if self._probe.uncovered:
+            self._source = source
+            self._covered_params(pl_module)
+            if compiled:
                 rank_zero_warn(
-                    f"adabatch: the per-example probe does not cover {self._probe.uncovered}; "
-                    "the noise scale is measured over the covered parameters only"
+                    f"adabatch: noise='per_example' on a torch.compile'd module ({compiled[0]!r})"
+                    ": its module hooks do not fire in a compiled graph, so no step will be "
+                    "measured. Use noise='microbatch' (or 'auto') with accumulation or several "
+                    "devices."
                 )
-        else:
-            self._probe = MicroBatchGradNorms(pl_module)
-            self._probe.attach()
-        self._source = source
+            elif not self._probe.covered:
+                rank_zero_warn(
+                    "adabatch: NOTHING IS MEASURED: the per-example probe covers no parameter "
+                    f"({_names(self._probe.uncovered)}). Use noise='microbatch' with "
+                    "accumulation or several devices."
+                )
+            elif self._probe.uncovered:
+                rank_zero_warn(
+                    "adabatch: the noise scale is measured over the parameters the per-example "
+                    f"probe covers only ({self._covered_fraction:.1%} of the trainable "
+                    f"parameters; not measured: {_names(self._probe.uncovered)}). Logged as "
+                    "adabatch/covered_fraction."
+                )
+            return
+        self._probe = MicroBatchGradNorms(pl_module)
+        self._probe.attach()
+        self._source = "microbatch"
+        self._covered_params(pl_module)
+        if not small_batch:
+            self._warned.add(SKIP_NO_SMALL_BATCH)
+            rank_zero_warn(
+                "adabatch: NOTHING IS MEASURED yet: micro-batch statistics need a small batch "
+                "below the global batch (accumulation or several devices), and this run has "
+                "one device and no accumulation. The noise scale stays unmeasured until the "
+                "layout changes; use noise='per_example' or accumulate_grad_batches > 1."
+            )
 
     def _apply_restored(self, trainer: Any) -> None:
         state = self._restored or {}
@@ -374,11 +465,23 @@ class AdaptiveBatchSize(Callback):
         self._start = state.get("start")
         if self._start is None and self._micro0 is not None:  # a checkpoint from before 0.1
             self._start = self._micro0 * self._world
-        self._ref = state.get("ref_batch_size", self._ref)
+        saved_ref = state.get("ref_batch_size")
+        if self.ref_batch_size is None:
+            self._ref = saved_ref if saved_ref is not None else self._ref
+        elif saved_ref is not None and saved_ref != self.ref_batch_size:
+            # The constructor's explicit value wins: it is the user's current statement of
+            # where the hyperparameters were tuned (the LR then changes at the resume).
+            rank_zero_warn(
+                f"adabatch: ref_batch_size={self.ref_batch_size} differs from the checkpoint's "
+                f"{saved_ref}; using {self.ref_batch_size}: the scaled hyperparameters change "
+                "from the resumed step on"
+            )
         if self._micro0 is not None and self._start is not None:
             self._build_policy()
         if self._bound and "policy" in state:
             self.policy.load_state_dict(state["policy"])
+        elif self._bound and "decider" in state:  # a version-1 checkpoint
+            self.policy.load_state_dict({"decider": state["decider"]})
         if self._branch is not None and "branch" in state:
             self._branch.load_state_dict(state["branch"])
         self._target = state.get("target")
@@ -388,6 +491,8 @@ class AdaptiveBatchSize(Callback):
         self._pending = None if pending is None else Split(*pending)
         if self._split is not None:
             trainer.accumulate_grad_batches = self._split.accumulation
+            if self._sampler is not None and self._sampler.batch_size != self._split.micro:
+                self._sampler.set_batch_size(self._split.micro)  # a loader Lightning can't restore
 
     def _build_policy(self) -> None:
         """Bounds from the run's *starting* batch (restored on resume, since the layout in
@@ -450,78 +555,96 @@ class AdaptiveBatchSize(Callback):
         if amp_scaler is not None and amp_scaler.is_enabled():
             scale *= float(amp_scaler.get_scale())
         self._probe.grad_scale = scale
+        if isinstance(self._probe, PerExampleGradNorms):
+            # The batch dimension of each call is the one of this size (sequence-first
+            # layouts are then exact).
+            self._probe.batch_size = n
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self.enabled or self._probe is None or self._estimator is None:
             return
         stats = self._measure(trainer, pl_module)
-        self._step_stats = stats
-        batch = int(stats["samples"])
+        batch = int(stats.samples)
+        # Counted here, not in on_train_batch_end: Lightning steps a step-interval LR scheduler
+        # between the two, and a schedule reading ``samples`` must see this step's samples.
+        self.samples += batch
         self._notify_ema(trainer, batch)
         accepted = False
-        if stats["b"] < batch:
-            accepted = self._estimator.update(stats["small_sq"], stats["b"], stats["big_sq"], batch)
-        elif not self._warned_no_small_batch:
-            self._warned_no_small_batch = True
-            rank_zero_warn(
-                f"adabatch: micro-batch statistics need a small batch below the global batch "
-                f"({stats['b']:.0f} vs {batch}): use gradient accumulation, several ranks, or "
-                "noise='per_example'. The noise scale is not measured meanwhile."
-            )
-        stats["accepted"] = float(accepted)
+        if stats.skip is None:
+            if self.half_life_samples is None:
+                self._estimator.half_life_samples = max(
+                    _MIN_HALF_LIFE_STEPS * batch, _HALF_LIFE_FRACTION * self.samples
+                )
+            accepted = self._estimator.update(stats.small_sq, stats.b, stats.big_sq, batch)
+        else:
+            self._estimator.record_skip()  # never reaches the estimate; counted
+            self._on_unmeasured(pl_module, stats)
+        self._step_stats = {
+            # the decision gate in on_train_batch_end reads these two: finite unless the
+            # gradients are (an unmeasured step has no small-batch value to be non-finite)
+            "small_sq": stats.small_sq if stats.skip is None else 0.0,
+            "big_sq": stats.big_sq,
+            "b": stats.b,
+            "samples": stats.samples,
+            "step_time": stats.step_time,
+            "accepted": float(accepted),
+        }
         factors = self._apply_factors(batch)
-        stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
+        self._step_stats["lr_factor"] = float(factors.get("lr_factor", 1.0))
 
-    def _measure(self, trainer: Any, pl_module: Any) -> dict[str, float]:
-        """Small-batch and big-batch squared norms, identical on every rank."""
+    def _on_unmeasured(self, pl_module: Any, stats: StepStats) -> None:
+        """Warn once per reason; under ``noise='auto'`` fall back to micro-batch statistics
+        when the per-example probe records nothing (e.g. a compiled graph)."""
+        assert stats.skip is not None
+        fallback = (stats.skip == SKIP_NO_NORMS and self.noise == "auto"
+                    and self._source == "per_example")
+        if fallback:
+            assert self._probe is not None
+            self._probe.detach()
+            self._probe = MicroBatchGradNorms(pl_module).attach()
+            self._source = "microbatch"
+            self._covered_params(pl_module)
+        if stats.skip in self._warned:
+            return
+        self._warned.add(stats.skip)
+        what = {"per_example": "per-example", "microbatch": "micro-batch"}
+        rank_zero_warn(
+            f"adabatch: step {self.steps} NOT MEASURED: {stats.skip} (probe "
+            f"{'per_example' if fallback else self._source}: {stats.count:.0f} small batches "
+            f"recorded for {stats.samples:.0f} samples in {stats.batches:.0f} micro-batches). "
+            "Such steps are skipped and counted (adabatch/skipped_steps)."
+            + (f" noise='auto' now uses {what['microbatch']} statistics." if fallback else "")
+        )
+
+    def _measure(self, trainer: Any, pl_module: Any) -> StepStats:
+        """The step's statistics (`adabatch.noise.step_stats`), identical on every rank."""
         assert self._probe is not None
         small = self._probe.sq_norms
         self._probe.reset()
         device = pl_module.device
-        small = small.to(device=device, dtype=torch.float64)
-        big_params = self._covered_params(pl_module)
-        big_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for p in big_params:
-            if p.grad is not None:
-                big_sq += p.grad.detach().to(torch.float64).square().sum()
-        # Lightning divides every micro-batch's loss by k, also in an epoch's last, shorter
-        # window: rescale .grad to the mean over the micro-batches it actually holds.
-        window = trainer.accumulate_grad_batches / max(self._local_batches, 1)
-        big_sq *= window * window
-        self._local_batches = 0
+        big_sq = big_batch_sq_norm(self._covered_params(pl_module), device=device)
         # Step time, from this point of the previous step (None across a validation run).
         now = time.perf_counter()
         elapsed = 0.0 if self._t_last is None else now - self._t_last
         self._t_last = now
-        # One all-reduce: [sum of small norms, number of small batches, samples, step time,
-        # ranks with a step time]; every rank then holds the same numbers, so every rank
-        # takes the same decision (the goodput policy reads the mean step time).
-        local = torch.tensor(
-            [0.0, small.numel(), self._local_samples, elapsed, float(elapsed > 0)],
-            dtype=torch.float64,
-            device=device,
+        stats = reduce_step_stats(
+            small,
+            per_example=self._source == "per_example",
+            local_samples=self._local_samples,
+            local_batches=self._local_batches,
+            big_sq=big_sq,
+            accumulation=trainer.accumulate_grad_batches,
+            elapsed=elapsed,
+            world_size=self._world,
+            all_reduce_fn=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
         )
-        local[0] = small.sum()
         self._local_samples = 0
-        total = trainer.strategy.reduce(local, reduce_op="sum")
-        small_sum, count, samples, time_sum, timed, big = (
-            float(v) for v in torch.cat([total, big_sq.reshape(1)]).tolist()
-        )
-        world = float(self._world)
-        if self._source == "per_example":
-            b = 1.0
-        else:
-            b = samples / max(count, 1.0)  # the mean micro-batch size per rank
-        return {
-            "small_sq": small_sum / max(count, 1.0),
-            "big_sq": big,
-            "b": b,
-            "samples": samples,
-            "step_time": time_sum / world if timed == world else math.nan,
-        }
+        self._local_batches = 0
+        return stats
 
     def _covered_params(self, pl_module: Any) -> list[torch.nn.Parameter]:
-        """The parameters whose big-batch gradient matches the small-batch statistics."""
+        """The parameters whose big-batch gradient matches the small-batch statistics (and
+        their fraction of the trainable parameter count, ``_covered_fraction``)."""
         if self._source == "per_example":
             covered = tuple(self._probe.covered)  # type: ignore[union-attr]
         else:
@@ -530,6 +653,10 @@ class AdaptiveBatchSize(Callback):
             named = dict(pl_module.named_parameters())
             self._big_params = [named[n] for n in covered]
             self._big_params_key = covered
+            total = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            self._covered_fraction = (
+                sum(p.numel() for p in self._big_params) / total if total else 0.0
+            )
         return self._big_params
 
     def on_train_batch_end(
@@ -543,7 +670,12 @@ class AdaptiveBatchSize(Callback):
         stats, self._step_stats = self._step_stats, None
         self._new_step = True
         batch_size = int(stats["samples"])
-        self.samples += batch_size
+        # The layout this step ran with (logged), before a decision changes the trainer's: the
+        # micro-batch it read and the micro-batches in its window (a short last one included).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        stats["micro"] = float(extract_batch_size(batch))
+        stats["accumulation"] = float(done % trainer.accumulate_grad_batches
+                                      or trainer.accumulate_grad_batches)
         self.steps += 1
         if self._sampler is not None:
             self._sampler.advance(batch_size)
@@ -629,7 +761,8 @@ class AdaptiveBatchSize(Callback):
             and self._target == obs.batch_size
             and branch.eval_ready
             and probe.should_start(samples=self.samples, batch_size=obs.batch_size,
-                                   gns=obs.gns, spent=branch.spent, last=branch.last)
+                                   gns=obs.gns, spent=branch.spent, last=branch.last,
+                                   planned_samples=self.max_samples)
         ):
             with self._noise_probe_paused():
                 branch.open(pl_module, optimizer, trainer, obs.batch_size)
@@ -667,10 +800,10 @@ class AdaptiveBatchSize(Callback):
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.enabled:
-            # Lightning calls this hook again when a run resumes mid-epoch: only a real epoch
-            # start (no batch done yet) is an aligned boundary.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            self._apply_pending(trainer, epoch_start=done == 0)
+            # Always a real epoch start: Lightning 2.6 skips this hook when it resumes mid-epoch
+            # (and repair_epoch_end_restart turns an epoch-end resume into a plain start). Do not
+            # read batch_progress here: the epoch loop resets it only after this hook.
+            self._apply_pending(trainer, epoch_start=True)
         self._t_last = None
 
     def _decide(self, obs: Observation) -> None:
@@ -692,6 +825,9 @@ class AdaptiveBatchSize(Callback):
         )
 
     def _apply_pending(self, trainer: Any, epoch_start: bool = False) -> None:
+        if self._split is not None:
+            sampler = self._sampler if self.resize != "accumulate" else None
+            check_layout_unchanged(trainer, self._split, sampler)  # one owner of the layout
         pending = self._pending
         if pending is None or self._split is None:
             return
@@ -723,10 +859,15 @@ class AdaptiveBatchSize(Callback):
         metrics = {
             "adabatch/batch_size": float(stats["samples"]),
             "adabatch/target_batch_size": float(self._target or stats["samples"]),
-            "adabatch/micro_batch": float(self._split.micro),
-            "adabatch/accumulation": float(self._split.accumulation),
+            "adabatch/micro_batch": stats.get("micro", float(self._split.micro)),
+            "adabatch/accumulation": stats.get("accumulation", float(self._split.accumulation)),
             "adabatch/lr_factor": stats.get("lr_factor", 1.0),
             "adabatch/samples": float(self.samples),
+            # measurement: whether this step reached the estimate, over which share of the
+            # trainable parameters, and how many steps could not be measured so far
+            "adabatch/measured": stats.get("accepted", 0.0),
+            "adabatch/covered_fraction": float(getattr(self, "_covered_fraction", 0.0)),
+            "adabatch/skipped_steps": float(est.num_skipped),
         }
         for key, value in (
             ("adabatch/gns", est.gns),
@@ -751,6 +892,17 @@ class AdaptiveBatchSize(Callback):
         bar, rest = split_progress_metrics(metrics)
         pl_module.log_dict(rest, on_step=True, on_epoch=False, batch_size=1)
         pl_module.log_dict(bar, on_step=True, on_epoch=False, batch_size=1, prog_bar=True)
+
+
+def _compiled_modules(module: Any) -> list[str]:
+    """Names of the ``torch.compile``'d submodules (``OptimizedModule``) of ``module``."""
+    return [name or "<root>" for name, m in module.named_modules()
+            if type(m).__name__ == "OptimizedModule"]
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _find_resizable_sampler(trainer: Any) -> Any:

@@ -23,7 +23,11 @@ How Lightning 2.6 treats them (read in ``lightning/pytorch`` 2.6.6 and checked b
   epoch: its iterator already exists. From a checkpoint saved at an epoch's end
   (``FitLoop`` restart stage ``RESUMED_ON_EPOCH_END``, where ``restarting`` is False) Lightning
   restores no loader state at all and calls ``set_epoch`` after creating the iterator; see
-  `ResizableBatchSampler.set_epoch` for what the sampler does then.
+  `ResizableBatchSampler.set_epoch` for what the sampler does then. It also numbers the next
+  epoch's batches on from the old ``batch_idx`` after a checkpoint at an epoch's last batch
+  (shifting accumulation windows). `adabatch.control.restart.repair_epoch_end_restart` (run by
+  `AdaptiveBatchSize`, or `adabatch.control.restart.ExactEpochResume` without it) makes both
+  exact.
 - Prefetch: with no length Lightning's ``_PrefetchDataFetcher`` holds one batch ahead (to know
   which batch is the last), on top of the DataLoader's own ``prefetch_factor x num_workers``.
 - DDP: with ``Trainer(use_distributed_sampler=True)`` (the default) Lightning re-creates a batch
@@ -38,12 +42,27 @@ import collections
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 __all__ = ["ResizableBatchSampler", "ResizableDataLoader"]
 
 _STATE_VERSION = 1
+
+
+def permutation_seed(seed: int, epoch: int) -> int:
+    """The generator seed of ``(seed, epoch)``'s permutation: distinct pairs give unrelated
+    seeds (``numpy.random.SeedSequence`` hashes the pair), unlike ``seed + epoch``, with which
+    seed 0 epoch 1 and seed 1 epoch 0 shared an order. Negative seeds are allowed.
+
+    Example::
+
+        >>> permutation_seed(0, 1) != permutation_seed(1, 0)
+        True
+    """
+    entropy = [seed % 2**64, seed < 0, epoch]  # SeedSequence takes non-negative ints only
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -57,7 +76,8 @@ class ResizableBatchSampler:
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)`` (or `ResizableDataLoader`, which
     makes Lightning checkpoint it). Each step takes the next ``batch_size * num_replicas``
-    indices of the epoch's permutation (seeded by ``seed + epoch``, the same on every rank) and
+    indices of the epoch's permutation (seeded by `permutation_seed` of ``(seed, epoch)``, the
+    same on every rank) and
     gives rank ``r`` its contiguous slice, so across ranks every sample is seen exactly once per
     epoch whatever the batch-size changes, provided every rank makes the same changes at the
     same batches (adabatch's decisions are identical on every rank).
@@ -110,7 +130,7 @@ class ResizableBatchSampler:
     Args:
         data_source: the dataset (anything with ``len``) or its number of samples.
         batch_size: samples per rank per batch.
-        shuffle: permute the indices each epoch (seeded by ``seed + epoch``); else in order.
+        shuffle: permute the indices each epoch (seeded by `permutation_seed`); else in order.
         seed: base seed of the permutation; must be the same on every rank.
         drop_last: drop an incomplete final global batch instead of splitting it.
         num_replicas: number of ranks sharing the data (default: from ``torch.distributed``).
@@ -449,7 +469,7 @@ class ResizableBatchSampler:
         if not self.shuffle:
             return list(range(self._num_samples))
         generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
+        generator.manual_seed(permutation_seed(self.seed, epoch))
         return torch.randperm(self._num_samples, generator=generator).tolist()
 
     def _resolve(self) -> tuple[int, int]:

@@ -163,3 +163,23 @@ def test_sample_lambda_lr_callable_counter_and_state_dict():
     assert sd["lr_lambdas"] == [None]
     with pytest.raises(ValueError, match="counter=5"):
         sample_lambda_lr(opt, lambda s: 1.0, 5)
+
+
+def test_the_callback_as_counter_has_no_lag(tmp_path):
+    """``sample_lambda_lr(opt, schedule, counter=<AdaptiveBatchSize>)`` under Lightning, with
+    the batch growing 4 -> 16: the LR of every step is the schedule at the exact number of
+    samples trained before it (times the SGD linear rule B / B_ref applied around the step).
+    The callback counts a step's samples in on_before_optimizer_step, before Lightning steps
+    the scheduler; counted in on_train_batch_end, every LR would be one step late."""
+    from resume_run import fit
+
+    _, cb, rec = fit(tmp_path, mode="accumulate", accumulation=1, max_epochs=4)
+    assert len({r["batch"] for r in rec.rows}) >= 3, "the test needs a changing batch"
+    schedule = SampleSchedule("warmup_cosine", warmup_samples=40, total_samples=2000,
+                              final_factor=0.1)
+    seen = 0
+    for row in rec.rows:
+        expected = 0.05 * schedule(seen) * row["batch"] / 4  # ref_batch_size=4
+        assert row["lr"] == pytest.approx(expected, rel=1e-12), row
+        seen += row["batch"]
+    assert cb.samples == seen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from per_example_oracles import loop_sq_norms, rowwise_sq_norms, vmap_sq_norms
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -219,10 +220,7 @@ B, L = 3, 5
           "kpm": True}),
     ],
 )
-@pytest.mark.parametrize("recompute", ["decomposed", "vmap"])
-def test_multihead_attention(mha, call_kw, recompute, monkeypatch):
-    rule = next(r for r in per_example._RULES if r.kind == "multihead_attention")
-    monkeypatch.setattr(rule, "recompute", recompute)
+def test_multihead_attention(mha, call_kw):
     torch.manual_seed(0)
     # a small chunk budget: the examples are processed in several chunks
     check(Attn(mha, **call_kw), torch.randn(B, L, 6), torch.randn(B, L, 6), max_chunk_elems=600)
@@ -243,14 +241,27 @@ def test_multihead_attention_called_twice_and_cross_attention():
     check(TwoCalls(), torch.randn(B, L, 6), torch.randn(B, L, 6))
 
 
-def test_multihead_attention_dropout():
+@pytest.mark.parametrize(
+    "mha_kw, call_kw",
+    [({}, {}), ({}, {"use_weights": True}), ({}, {"kpm": True}),
+     ({"add_bias_kv": True, "add_zero_attn": True}, {}), ({"kdim": 4, "vdim": 4}, {})],
+)
+def test_multihead_attention_dropout_uses_the_forwards_masks(mha_kw, call_kw):
+    # The rule reads the projections of the forward that ran, so the dropout masks are the
+    # forward's own. Oracle: the same forward (same seed), one backward per example's loss.
     torch.manual_seed(0)
-    model = Attn(nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True)).to(F64)
+    mha = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True, **mha_kw)
+    model = Attn(mha, **call_kw).to(F64)
     x, y = torch.randn(B, L, 6, dtype=F64), torch.randn(B, L, 6, dtype=F64)
-    names = [n for n, _ in model.named_parameters()]
-    probe = probe_norms(model, _mse, x, y)  # train mode: dropout masks cannot be recomputed
-    assert probe.uncovered == names and probe.covered == []
-    assert "dropout=0.5 in train mode" in probe.uncovered_reasons["mha.in_proj_weight"]
+    torch.manual_seed(1)
+    probe = probe_norms(model, _mse, x, y)
+    assert probe.uncovered == []
+    torch.manual_seed(1)
+    expected = rowwise_sq_norms(_mse(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+    torch.manual_seed(2)  # other masks give other norms: the masks matter
+    assert not torch.allclose(rowwise_sq_norms(_mse(model(x), y), list(model.parameters())),
+                              expected)
     model.eval()  # eval mode: no dropout, exact
     check(model, x, y)
 
@@ -626,3 +637,145 @@ def test_deepcopy_while_attached_gives_an_independent_plain_model():
     expected = MLPSeq().to(F64)
     expected.load_state_dict(twin.state_dict())
     torch.testing.assert_close(twin(x), expected(x))
+
+
+# ------------------------------------------------------------------------------ layouts
+def probe_at(model, loss_fn, x, y, bdim, batch_size):
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    with PerExampleGradNorms(model, **kw) as probe:
+        out = model(x)
+        loss_fn(out.movedim(bdim, 0), y.movedim(bdim, 0)).mean().backward()
+    return probe
+
+
+class SeqFirstLM(nn.Module):
+    """Embedding, a Linear and a head on [T, B] ids: no module here has a batch_first."""
+
+    def __init__(self, vocab=7, d=6):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(self.ln(torch.tanh(self.fc(self.tok(ids)))))
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_sequence_first_transformer_layer_with_T_equal_B_is_exact(batch_size):
+    # T == B == 4: before the layout hint, the layer's Linears and LayerNorms took dim 0 (T)
+    # as the batch and the norms were off by tens of percent with nothing reported.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0).to(F64)
+    x, y = torch.randn(4, 4, 6, dtype=F64), torch.randn(4, 4, 6, dtype=F64)
+    probe = probe_at(layer, _mse, x, y, 1, batch_size)
+    assert probe.uncovered == [], probe.uncovered_reasons
+    expected = vmap_sq_norms(layer, _mse, x, y, 1)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def test_sequence_first_model_with_T_unequal_B_is_exact_when_told_the_batch_size():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5, 3))  # [T=5, B=3]
+    probe = probe_at(model, _lm_loss_bf, ids, y, 1, batch_size=3)
+    assert probe.uncovered == [], probe.uncovered_reasons
+    expected = vmap_sq_norms(model, _lm_loss_bf, ids, y, 1)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def test_sequence_first_model_with_T_equal_B_is_refused_not_guessed():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    ids, y = torch.randint(0, 7, (4, 4)), torch.randint(0, 7, (4, 4))
+    probe = probe_at(model, _lm_loss_bf, ids, y, 1, batch_size=4)
+    names = [n for n, _ in model.named_parameters()]
+    assert probe.uncovered == names and probe.covered == []
+    assert "ambiguous layout" in probe.uncovered_reasons["fc.weight"]
+    assert probe.sq_norms.numel() == 0
+
+
+def test_layout_learned_on_an_unambiguous_pass_resolves_a_later_T_equal_B():
+    torch.manual_seed(0)
+    model = SeqFirstLM().to(F64)
+    probe = PerExampleGradNorms(model).attach()
+    for T, B in ((5, 3), (4, 4)):
+        ids, y = torch.randint(0, 7, (T, B)), torch.randint(0, 7, (T, B))
+        probe.batch_size = B
+        _lm_loss_bf(model(ids).transpose(0, 1), y.transpose(0, 1)).mean().backward()
+        got = probe.sq_norms
+        probe.reset()
+        assert probe.uncovered == [], probe.uncovered_reasons
+        torch.testing.assert_close(got, vmap_sq_norms(model, _lm_loss_bf, ids, y, 1), rtol=RTOL,
+                                   atol=0)
+    probe.detach()
+
+
+def test_no_dim_of_the_batch_size_is_refused_per_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(6, 3, dtype=F64)
+    with PerExampleGradNorms(model, batch_size=5) as probe:  # told the wrong size
+        model(x).square().mean().backward()
+    assert probe.covered == [] and "batch size 5" in probe.uncovered_reasons["0.weight"]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        probe.batch_size = 0
+
+
+def test_gru_sequence_first_head_exact_and_rnn_uncovered():
+    torch.manual_seed(0)
+
+    class GRUHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = GRUHead().to(F64)
+    x, y = torch.randn(5, 3, 3, dtype=F64), torch.randn(5, 3, 2, dtype=F64)
+    probe = probe_at(model, _mse, x, y, 1, batch_size=3)
+    assert probe.covered == ["head.weight", "head.bias"]
+    assert all("unsupported module type GRU" in r for r in probe.uncovered_reasons.values())
+    expected = loop_sq_norms(model, _mse, x, y, 1, probe.covered)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def _lm_loss_bf(logits, y):
+    """``_lm_loss`` on batch-first logits [B, T, V] and targets [B, T]."""
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
+
+
+def test_multihead_attention_tap_is_removed_even_when_the_forward_raises():
+    linear = F.linear
+    mha = nn.MultiheadAttention(6, 2, batch_first=True)
+    with PerExampleGradNorms(mha):
+        with pytest.raises(AssertionError, match="does not match"):  # torch's own shape check
+            mha(torch.randn(2, 4, 6), torch.randn(2, 3, 6), torch.randn(2, 5, 6))
+        assert F.linear is linear
+        mha(torch.randn(2, 4, 6), torch.randn(2, 3, 6), torch.randn(2, 3, 6))
+        assert F.linear is linear
+
+
+def test_custom_layer_inside_a_stock_encoder_gets_no_layout_hint():
+    class MyLayer(nn.Module):  # sequence-first outside, batch-first inside
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(6, 2)  # read by TransformerEncoder.forward
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x, src_mask=None, is_causal=False, src_key_padding_mask=None):
+            return torch.tanh(self.fc(x.transpose(0, 1))).transpose(0, 1)
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(MyLayer(), 1, enable_nested_tensor=False).to(F64)
+    x, y = torch.randn(4, 4, 6, dtype=F64), torch.randn(4, 4, 6, dtype=F64)  # T == B
+    probe = probe_at(enc, _mse, x, y, 1, batch_size=4)
+    assert "ambiguous layout" in probe.uncovered_reasons["layers.0.fc.weight"]
+    x, y = torch.randn(5, 4, 6, dtype=F64), torch.randn(5, 4, 6, dtype=F64)  # T != B: exact
+    probe = probe_at(enc, _mse, x, y, 1, batch_size=4)
+    assert probe.uncovered == [] and "layers.0.fc.weight" in probe.covered  # (self_attn unused)
+    expected = vmap_sq_norms(enc, _mse, x, y, 1, probe.covered)
+    torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)

@@ -37,19 +37,16 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from adabatch import validation as check
+
 __all__ = ["CriticalBatchProbe", "ProbeResult", "critical_batch_from_ratio"]
 
 
 def _check_number(name: str, value: Any, lo: float, hi: float = math.inf, *,
                   lo_open: bool = False, integer: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} must be a number")
-    if integer and not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an int")
-    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
-        left = "(" if lo_open else "["
-        raise ValueError(f"{name}={value!r} must be in {left}{lo}, {hi}]")
-    return value
+    if integer:
+        return check.count(name, value, int(lo))
+    return check.number(name, value, lo, hi, strict=lo_open)
 
 
 def critical_batch_from_ratio(ratio: float, batch_size: float, factor: float) -> float:
@@ -86,7 +83,8 @@ class CriticalBatchProbe:
         factor: the branch's batch is ``factor x B`` (an int >= 2).
         window_steps: main-run optimizer steps per window (a multiple of ``factor``).
         eval_samples: size of the fixed probe set (the first samples of training).
-        max_overhead: probe compute allowed, as a fraction of training compute.
+        max_overhead: probe compute allowed, as a fraction of training compute (of the
+            samples so far, or of the planned ``max_samples`` when larger).
         tolerance: the smallest progress loss (``1 - r``) a probe is trusted to resolve;
             sets the largest critical batch one probe can report.
         reprobe_growth: probe again once ``B_simple`` has grown by this factor since the
@@ -128,14 +126,28 @@ class CriticalBatchProbe:
         return float(self.window_steps * batch_size + self.eval_samples)
 
     def should_start(self, *, samples: int, batch_size: int, gns: float | None,
-                     spent: float, last: ProbeResult | None) -> bool:
+                     spent: float, last: ProbeResult | None,
+                     planned_samples: int | None = None) -> bool:
         """Whether to open a window now (budget allows it and the level may have moved).
 
-        ``last`` is the last *conclusive* probe (``None``: none yet).
+        ``last`` is the last *conclusive* probe (``None``: none yet). The budget is
+        ``max_overhead`` of the samples so far, or of ``planned_samples`` (the run's sample
+        budget, when known) if that is larger: a run of known length may calibrate early,
+        and its probes still cost at most ``max_overhead`` of it in the end.
+
+        Example::
+
+            >>> p = CriticalBatchProbe()       # one probe at B = 16 costs 512
+            >>> p.should_start(samples=1000, batch_size=16, gns=50.0, spent=0.0, last=None)
+            False
+            >>> p.should_start(samples=1000, batch_size=16, gns=50.0, spent=0.0, last=None,
+            ...                planned_samples=8192)
+            True
         """
         if gns is None or not math.isfinite(gns) or gns <= 0:
             return False
-        if spent + self.cost(batch_size) > self.max_overhead * samples:
+        horizon = max(samples, planned_samples or 0)
+        if spent + self.cost(batch_size) > self.max_overhead * horizon:
             return False
         if last is None:
             return True

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from adabatch import validation as check
 from adabatch.control.critical import CriticalBatchProbe, ProbeResult
 
 __all__ = [
@@ -52,25 +53,6 @@ __all__ = [
 
 def _finite_positive(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
-
-
-def _check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a number, not a bool")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a number") from None
-    if not math.isfinite(v) or v < minimum or (strict and v == minimum):
-        op = ">" if strict else ">="
-        raise ValueError(f"{name}={value!r} must be a finite number {op} {minimum}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -110,9 +92,9 @@ class Observation:
     critical_batch: float | None = None
 
     def __post_init__(self) -> None:
-        _check_int("samples", self.samples, 0)
-        _check_int("steps", self.steps, 0)
-        _check_int("batch_size", self.batch_size, 1)
+        check.count("samples", self.samples, 0)
+        check.count("steps", self.steps, 0)
+        check.count("batch_size", self.batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -140,9 +122,9 @@ class BatchBounds:
     granularity: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("min_batch_size", self.min_batch_size, 1)
-        _check_int("max_batch_size", self.max_batch_size, 1)
-        _check_int("granularity", self.granularity, 1)
+        check.count("min_batch_size", self.min_batch_size, 1)
+        check.count("max_batch_size", self.max_batch_size, 1)
+        check.count("granularity", self.granularity, 1)
         if self.min_batch_size > self.max_batch_size:
             raise ValueError(
                 f"min_batch_size={self.min_batch_size} must be <= "
@@ -216,8 +198,8 @@ class BatchSizeDecider:
         if not isinstance(bounds, BatchBounds):
             raise ValueError(f"bounds={bounds!r} must be a BatchBounds")
         self.bounds = bounds
-        self.hysteresis = _check_float("hysteresis", hysteresis, 0.0)
-        self.min_samples_between_changes = _check_int(
+        self.hysteresis = check.number("hysteresis", hysteresis, 0.0)
+        self.min_samples_between_changes = check.count(
             "min_samples_between_changes", min_samples_between_changes, 0
         )
         self.never_decrease = bool(never_decrease)
@@ -231,8 +213,8 @@ class BatchSizeDecider:
             ValueError: on ``current < 1``, ``samples < 0``, or ``samples`` before the last
                 change (a state_dict that does not belong to this run).
         """
-        _check_int("current", current, 1)
-        _check_int("samples", samples, 0)
+        check.count("current", current, 1)
+        check.count("samples", samples, 0)
         if samples < self.last_change_samples:
             raise ValueError(
                 f"samples={samples} is before the last change at "
@@ -271,10 +253,10 @@ class BatchSizeDecider:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (missing keys take their defaults)."""
-        self.last_change_samples = _check_int(
+        self.last_change_samples = check.count(
             "decider.last_change_samples", state.get("last_change_samples", 0), 0
         )
-        self.num_changes = _check_int("decider.num_changes", state.get("num_changes", 0), 0)
+        self.num_changes = check.count("decider.num_changes", state.get("num_changes", 0), 0)
 
 
 class Policy:
@@ -316,20 +298,20 @@ class Policy:
         spike_factor: float | None = 1.5,
         spike_window_steps: int = 50,
     ) -> None:
-        self.hysteresis = _check_float("hysteresis", hysteresis, 0.0)
-        self.min_samples_between_changes = _check_int(
+        self.hysteresis = check.number("hysteresis", hysteresis, 0.0)
+        self.min_samples_between_changes = check.count(
             "min_samples_between_changes", min_samples_between_changes, 0
         )
         if not isinstance(never_decrease, bool):
             raise ValueError(f"never_decrease={never_decrease!r} must be a bool")
         self.never_decrease = never_decrease
-        self.warmup_samples = _check_int("warmup_samples", warmup_samples, 0)
+        self.warmup_samples = check.count("warmup_samples", warmup_samples, 0)
         self.spike_factor = (
             None
             if spike_factor is None
-            else _check_float("spike_factor", spike_factor, 1.0, strict=True)
+            else check.number("spike_factor", spike_factor, 1.0, strict=True)
         )
-        self.spike_window_steps = _check_int("spike_window_steps", spike_window_steps, 1)
+        self.spike_window_steps = check.count("spike_window_steps", spike_window_steps, 1)
         self.bounds: BatchBounds | None = None
         self._decider: BatchSizeDecider | None = None
         self._loss_ema: float | None = None
@@ -443,10 +425,10 @@ class Policy:
                                       and set(guard) == {"from", "loss", "until"}):
             raise ValueError(f"policy.guard={guard!r} must be None or from/loss/until")
         self._guard = None if guard is None else dict(guard)
-        self._hold_until_samples = _check_int(
+        self._hold_until_samples = check.count(
             "policy.hold_until_samples", state.get("hold_until_samples", 0), 0
         )
-        self.reverts = _check_int("policy.reverts", state.get("reverts", 0), 0)
+        self.reverts = check.count("policy.reverts", state.get("reverts", 0), 0)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
@@ -532,14 +514,14 @@ class CriticalBatchPolicy(Policy):
         **discipline: Any,
     ) -> None:
         super().__init__(**discipline)
-        self.exponent = _check_float("exponent", exponent, 0.0, strict=True)
+        self.exponent = check.number("exponent", exponent, 0.0, strict=True)
         if self.exponent > 1.0:
             raise ValueError(f"exponent={exponent!r} must be in (0, 1]")
-        self.max_fraction = _check_float("max_fraction", max_fraction, 0.0, strict=True)
+        self.max_fraction = check.number("max_fraction", max_fraction, 0.0, strict=True)
         if self.max_fraction > 1.0:
             raise ValueError(f"max_fraction={max_fraction!r} must be in (0, 1]")
-        self.confidence = _check_float("confidence", confidence, 0.0)
-        self.calibration_weight = _check_float(
+        self.confidence = check.number("confidence", confidence, 0.0)
+        self.calibration_weight = check.number(
             "calibration_weight", calibration_weight, 0.0, strict=True
         )
         if self.calibration_weight > 1.0:
@@ -654,11 +636,11 @@ class NoisePolicy(Policy):
         **discipline: Any,
     ) -> None:
         super().__init__(**discipline)
-        self.scale = _check_float("scale", scale, 0.0, strict=True)
-        self.exponent = _check_float("exponent", exponent, 0.0, strict=True)
+        self.scale = check.number("scale", scale, 0.0, strict=True)
+        self.exponent = check.number("exponent", exponent, 0.0, strict=True)
         if self.exponent > 1.0:
             raise ValueError(f"exponent={exponent!r} must be in (0, 1]")
-        self.confidence = _check_float("confidence", confidence, 0.0)
+        self.confidence = check.number("confidence", confidence, 0.0)
 
     def target(self, obs: Observation) -> float | None:
         lcb = _lower_bound(obs, self.confidence)
@@ -705,11 +687,11 @@ class GoodputPolicy(Policy):
         **discipline: Any,
     ) -> None:
         super().__init__(**discipline)
-        self.explore_factor = _check_float("explore_factor", explore_factor, 1.0, strict=True)
-        self.smoothing = _check_float("smoothing", smoothing, 0.0)
+        self.explore_factor = check.number("explore_factor", explore_factor, 1.0, strict=True)
+        self.smoothing = check.number("smoothing", smoothing, 0.0)
         if self.smoothing >= 1.0:
             raise ValueError(f"smoothing={smoothing!r} must be in [0, 1)")
-        self.confidence = _check_float("confidence", confidence, 0.0)
+        self.confidence = check.number("confidence", confidence, 0.0)
         self._step_time: dict[int, float] = {}
 
     def observe(self, batch_size: int, throughput: float) -> None:
@@ -814,16 +796,16 @@ class RampPolicy(Policy):
         **discipline: Any,
     ) -> None:
         super().__init__(hysteresis=hysteresis, **discipline)
-        self.ramp_samples = _check_int("ramp_samples", ramp_samples, 0)
+        self.ramp_samples = check.count("ramp_samples", ramp_samples, 0)
         self.start_batch_size = (
             None if start_batch_size is None
-            else _check_int("start_batch_size", start_batch_size, 1)
+            else check.count("start_batch_size", start_batch_size, 1)
         )
         self.end_batch_size = (
-            None if end_batch_size is None else _check_int("end_batch_size", end_batch_size, 1)
+            None if end_batch_size is None else check.count("end_batch_size", end_batch_size, 1)
         )
         if increment is not None:
-            _check_int("increment", increment, 1)
+            check.count("increment", increment, 1)
         self.increment = increment
         self._check_increment()
 

@@ -16,6 +16,7 @@ The global batch B = micro-batch per rank x accumulation steps k x world size. T
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,53 @@ def can_change_accumulation(batches_done_in_epoch: int, new_accumulation: int) -
         (True, False)
     """
     return batches_done_in_epoch % new_accumulation == 0
+
+
+def refuse_other_layout_writers(trainer: Any) -> None:
+    """Refuse, at setup, anything else that would write the batch layout during training.
+
+    Lightning's ``GradientAccumulationScheduler`` sets ``trainer.accumulate_grad_batches`` at
+    every epoch start (it forced k = 4, a batch of 16, under a callback that believed 8 and
+    a ``max_batch_size`` below 16); a non-int ``Trainer(accumulate_grad_batches=...)``
+    (Lightning 2.6 stores a dict unchecked) is a schedule of its own.
+
+    Raises:
+        MisconfigurationException: naming the conflicting callback or value.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    k = trainer.accumulate_grad_batches
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MisconfigurationException(
+            f"Trainer(accumulate_grad_batches={k!r}) must be an int >= 1 with AdaptiveBatchSize, "
+            "which owns the accumulation from there (resize='accumulate' or 'auto')"
+        )
+    for cb in trainer.callbacks:
+        if isinstance(cb, GradientAccumulationScheduler):
+            raise MisconfigurationException(
+                "GradientAccumulationScheduler and AdaptiveBatchSize both write "
+                "trainer.accumulate_grad_batches: remove the scheduler (a batch-size ramp is "
+                "AdaptiveBatchSize's ramp policy) or set AdaptiveBatchSize(enabled=False)"
+            )
+
+
+def check_layout_unchanged(trainer: Any, split: Split, sampler: Any) -> None:
+    """Raise when something other than adabatch changed the layout since adabatch set it.
+
+    Raises:
+        MisconfigurationException: naming the value found and the one adabatch set.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if trainer.accumulate_grad_batches != split.accumulation:
+        raise MisconfigurationException(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r} was changed "
+            f"by something other than AdaptiveBatchSize, which set {split.accumulation}: only "
+            "one owner may write the batch layout"
+        )
+    if sampler is not None and sampler.batch_size != split.micro:
+        raise MisconfigurationException(
+            f"the ResizableBatchSampler's batch_size={sampler.batch_size} was changed by "
+            f"something other than AdaptiveBatchSize, which set {split.micro}"
+        )

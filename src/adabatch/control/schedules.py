@@ -287,9 +287,23 @@ def sample_lambda_lr(
     adabatch callback, or a zero-argument callable). Step the scheduler as usual (every
     optimizer step); advance the counter *before* it steps -- in Lightning the step-interval
     scheduler runs before ``on_train_batch_end``, so count samples in
-    ``on_before_optimizer_step`` or a step post-hook, or the schedule lags one step. The
-    lambda is a plain function, so the scheduler's ``state_dict`` does not try to save the
-    counter; checkpoint the counter itself.
+    ``on_before_optimizer_step`` or a step post-hook, or the schedule lags one step.
+    `AdaptiveBatchSize` counts them there, so with ``counter=<the callback>`` the LR of each
+    step is ``schedule(samples trained before it)`` exactly, whatever the batch does (run
+    under Lightning by ``test_the_callback_as_counter_has_no_lag`` in
+    ``tests/control/test_schedules.py``)::
+
+        class Model(LightningModule):
+            def configure_optimizers(self):
+                opt = torch.optim.SGD(self.parameters(), lr=0.1)
+                sched = sample_lambda_lr(opt, SampleSchedule("warmup_cosine",
+                                         warmup_samples=10_000, total_samples=1_000_000),
+                                         counter=self.adabatch)  # the callback instance
+                return {"optimizer": opt,
+                        "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    The lambda is a plain function, so the scheduler's ``state_dict`` does not try to save the
+    counter; checkpoint the counter itself (the callback's ``samples`` is in its state).
 
     Raises:
         ValueError: when ``counter`` has no ``samples`` and is not callable.

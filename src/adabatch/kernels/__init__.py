@@ -1,7 +1,7 @@
 """The single dispatch point for the per-example norm ops.
 
-Callers (``noise/per_example.py``, the benchmarks) use these functions, never a backend module
-directly (``benchmarks/kernels.py`` excepted: it times and tunes the kernels themselves).
+Callers (the ``noise/per_example/`` rules, the benchmarks) use these functions, never a backend
+module directly (``benchmarks/kernels.py`` excepted: it times and tunes the kernels themselves).
 Each function asks ``_backend`` which implementation serves its tensors and calls it; the names
 and signatures are those of :mod:`adabatch.kernels.reference`.
 

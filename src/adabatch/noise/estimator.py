@@ -166,13 +166,17 @@ def reduce_small_batch_stats(
     sum_sq: Value,
     count: Value,
     all_reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
-) -> tuple[Tensor, Tensor]:
+    *,
+    extra: Tensor | None = None,
+) -> Any:
     """Global mean small-batch squared norm ``S`` and global small-batch count.
 
     Each rank holds its own small batches (its micro-batches or examples), while the big-batch
     gradient is identical on every rank after DDP's all-reduce. Summing ``(sum_sq, count)``
     over ranks therefore gives every rank the same ``S``, so every rank calls
-    :meth:`GNSEstimator.update` with identical numbers and holds identical state.
+    :meth:`GNSEstimator.update` with identical numbers and holds identical state. This is the
+    one cross-rank reduction of the library: the callback's step statistics
+    (:func:`adabatch.noise.step_stats.reduce_step_stats`) ride on it through ``extra``.
 
     Args:
         sum_sq: this rank's sum of small-batch squared norms (per-example units).
@@ -182,10 +186,12 @@ def reduce_small_batch_stats(
             ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``).
             ``None``: no reduction (single process); :func:`torch_distributed_sum` uses
             ``torch.distributed`` when it is initialised.
+        extra: further values (1-D) to sum over ranks in the same all-reduce.
 
     Returns:
         ``(mean_sq, count)`` as 0-d float64 tensors (``mean_sq`` is NaN when the global count
-        is 0, which :meth:`GNSEstimator.update` skips). No host sync happens here.
+        is 0, which :meth:`GNSEstimator.update` skips); with ``extra``, ``(mean_sq, count,
+        extra_sums)``. No host sync happens here.
 
     Example::
 
@@ -193,14 +199,21 @@ def reduce_small_batch_stats(
         >>> mean_sq, n = reduce_small_batch_stats(norms.sum(), norms.numel())
         >>> float(mean_sq), int(n)
         (3.0, 3)
+        >>> _, _, sums = reduce_small_batch_stats(norms.sum(), 3, extra=torch.tensor([8.0]))
+        >>> sums.tolist()
+        [8.0]
     """
     payload = small_batch_payload(sum_sq, count)
+    if extra is not None:
+        payload = torch.cat([payload, extra.to(payload.device, torch.float64).reshape(-1)])
     if all_reduce_fn is not None:
         out = all_reduce_fn(payload)
         if isinstance(out, Tensor):
             payload = out
     total, n = payload[0], payload[1]
-    return total / n, n
+    if extra is None:
+        return total / n, n
+    return total / n, n, payload[2:]
 
 
 # --------------------------------------------------------------------------------------
@@ -342,6 +355,14 @@ class GNSEstimator:
         self._samples += B_f
         return True
 
+    def record_skip(self) -> None:
+        """Count a step that could not be measured (e.g. the probe recorded no norms).
+
+        It leaves the estimate unchanged and is counted in ``num_skipped``, like a
+        non-finite step.
+        """
+        self._num_skipped += 1
+
     # -- read-outs ---------------------------------------------------------------------
     @property
     def grad_sq(self) -> float | None:
@@ -404,7 +425,7 @@ class GNSEstimator:
 
     @property
     def num_skipped(self) -> int:
-        """Number of updates skipped because of a non-finite input or estimate."""
+        """Steps skipped: a non-finite input or estimate, or :meth:`record_skip`."""
         return self._num_skipped
 
     @property

@@ -111,7 +111,7 @@ class MicroBatchGradNorms:
         self._handles: list[Any] = []
         self._lock = threading.Lock()
         self._records: list[Tensor] = []
-        self._open: dict[int, Tensor] = {}  # graph task id -> running sum (insertion order)
+        self._open: dict[int, list[Tensor]] = {}  # graph task id -> norms (insertion order)
         self._warned_nested = False
 
     # -- configuration -----------------------------------------------------------------
@@ -171,40 +171,47 @@ class MicroBatchGradNorms:
         self.detach()
 
     def _hook(self, grad: Tensor) -> None:
+        # Per parameter: one norm kernel and a list append; the squares are summed once per
+        # backward in _close (measured: benchmarks/overhead.py, RESULTS.md).
         if grad.is_sparse:
             grad = grad.coalesce().values()
-        acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        sq = torch.linalg.vector_norm(grad.detach(), dtype=acc_dtype).square()
+        norm = torch.linalg.vector_norm(
+            grad, dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32
+        )
         task = _graph_task_id()
+        norms = self._open.get(task)
+        if norms is None:
+            norms = self._open_pass(task)
+        norms.append(norm)
+
+    def _open_pass(self, task: int) -> list[Tensor]:
         with self._lock:
-            acc = self._open.get(task)
-            if acc is None:
-                if self._open and not self._warned_nested:
-                    # Only a nested (reentrant) backward, or a pass that died with an
-                    # exception, opens while another is open.
-                    self._warned_nested = True
-                    warnings.warn(
-                        "MicroBatchGradNorms: a backward pass started inside another one "
-                        "(reentrant activation checkpointing?); nested passes are merged into "
-                        "the enclosing one when it is already open. Prefer use_reentrant=False. "
-                        "(Or an earlier backward raised: call reset() after catching it.)",
-                        stacklevel=2,
-                    )
-                self._open[task] = sq
-                Variable._execution_engine.queue_callback(lambda: self._close(task))
-            else:
-                self._open[task] = acc + sq.to(acc.device)
+            if self._open and not self._warned_nested:
+                # Only a nested (reentrant) backward, or a pass that died with an
+                # exception, opens while another is open.
+                self._warned_nested = True
+                warnings.warn(
+                    "MicroBatchGradNorms: a backward pass started inside another one "
+                    "(reentrant activation checkpointing?); nested passes are merged into "
+                    "the enclosing one when it is already open. Prefer use_reentrant=False. "
+                    "(Or an earlier backward raised: call reset() after catching it.)",
+                    stacklevel=3,
+                )
+            norms: list[Tensor] = []
+            self._open[task] = norms
+        Variable._execution_engine.queue_callback(lambda: self._close(task))
+        return norms
 
     def _close(self, task: int) -> None:
         with self._lock:
-            acc = self._open.pop(task, None)
-            if acc is None:
+            norms = self._open.pop(task, None)
+            if not norms:
                 return
             if self._open:
                 # A nested (reentrant) pass: fold it into the most recent enclosing pass.
-                outer = next(reversed(self._open))
-                self._open[outer] = self._open[outer] + acc.to(self._open[outer].device)
+                self._open[next(reversed(self._open))].extend(norms)
                 return
+            acc = _sum_of_squares(norms)
             scale = self._grad_scale
             if isinstance(scale, Tensor):
                 scale = scale.to(device=acc.device, dtype=acc.dtype)
@@ -249,3 +256,12 @@ class MicroBatchGradNorms:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(params={len(self._params)}, attached={self.attached}, "
                 f"num_backwards={self.num_backwards})")
+
+
+def _sum_of_squares(norms: list[Tensor]) -> Tensor:
+    """``sum |g|^2`` from per-parameter norms: one stack per device (usually one)."""
+    device = norms[0].device
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    if all(n.device == device and n.dtype == dtype for n in norms):
+        return torch.stack(norms).square().sum()
+    return torch.stack([n.to(device, dtype) for n in norms]).square().sum()

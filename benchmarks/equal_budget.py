@@ -1,0 +1,998 @@
+"""Fixed against adaptive batch sizes at an equal data budget (issue 9, item 5).
+
+The protocol of the large-batch papers (Shallue et al. 2019, McCandlish et al. 2018, Merrill
+et al. 2025): every run of a task spends the same number of samples N and follows the same
+learning-rate schedule *in samples* (linear warm-up over ``WARMUP`` of N, cosine decay to 0 at
+N; `adabatch.control.schedules.warmup_cosine` through `sample_lambda_lr`). What is compared is
+(optimizer steps, final loss): a larger batch takes fewer steps for the same data, and a
+batch-size schedule pays only if it reaches a loss no fixed batch reaches in as few steps.
+
+Per task:
+
+1. *Fixed batches* ``B0, 2 B0, ...``, each with its own learning rate: a 3-point grid (x0.5,
+   x1, x2 around a per-task centre) on the tuning seed, extended by one more factor of 2 while
+   the best is at an edge (twice at most); then the evaluation seeds at the best.
+2. *Control*: the same fixed batches and learning rates with `AdaptiveBatchSize` attached as a
+   monitor (fixed policy, ``ref_batch_size=B0``, no learning-rate rule), so the Adam betas /
+   eps / weight-decay transforms of kappa = B/B0 apply exactly as in an adaptive run. Only
+   where a transform exists (Adam-family optimizers); with SGD (no momentum rule) the control
+   is the fixed run itself. It also measures B_simple along fixed runs.
+3. *Adaptive*: the library default, and as variants a sqrt-law noise policy and a doubling
+   ramp, from B0 with B0's tuned learning rate, ``ref_batch_size=B0``, ``max_batch_size`` =
+   the largest fixed batch, the library's default scaling rules; on the evaluation seeds.
+
+Reported per task: the fixed frontier (B, lr, final loss median [min, max], steps); for each
+adaptive variant its steps and loss, the step saving against the best-loss fixed batch when
+its loss is equal or better (seed ranges overlap or lie below), the step saving against the
+cheapest fixed batch of equal or better loss, whether it is *dominated* (a fixed batch with a
+lower loss beyond the seed spread, i.e. its whole seed range below the variant's, in no more
+steps), the model's predicted saving (McCandlish et al. 2018 App. D, from the measured
+B_simple trajectory: ``gamma = <sqrt B_noise>^2/<B_noise>`` over training progress, trade-off
+``(S/S_min - 1)(E/E_min - 1) = gamma`` at ``E = N``, ``E_min`` from the same trajectory), the
+noise scale's growth (last / first tenth), wall-clock per run and the critical-batch probe's
+logged cost (``adabatch/probe_overhead``, when the callback logs it).
+
+    python benchmarks/equal_budget.py --quick                 # seconds: one tiny task
+    python benchmarks/equal_budget.py --jobs 2                # all tasks, figures, RESULTS.md
+    python benchmarks/equal_budget.py --reuse-fixed           # rerun the adaptive runs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adabatch.control.policy import Policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Progress, fmt, median_range, predicted_saving, trajectory_model  # noqa: E402
+
+SECTION = "equal_budget"
+TASKS = ("synthetic", "noisefloor", "digits", "charlm")
+WARMUP = 0.05  # warm-up fraction of the sample budget
+DATA_DIR = common.BENCH_DIR / "data"
+HIGH_GROWTH = "noisefloor"
+GROWTH_GOAL = 100.0
+SAVING_GOAL = 0.30
+PREDICTED_FRACTION_GOAL = 0.8
+VARIANTS = ("default", "sqrt", "ramp")
+CONST_BUDGET = 4  # the constant-lr check runs until its target or this many budgets
+CONST_EXCESS = 0.2  # its target: the noise floor plus this fraction (least-squares tasks)
+
+
+# ============================================================================ API adapter
+class DoublingRamp(Policy):
+    """A hand-written schedule: the batch doubles from the bottom of the bounds to the top in
+    equal sample intervals (``n + 1`` sizes ``lo, 2 lo, ..., lo 2^n = hi``, each for
+    ``budget / (n + 1)`` samples); the noise scale is ignored."""
+
+    def __init__(self, budget: int, **discipline: Any) -> None:
+        super().__init__(hysteresis=0.0, **discipline)
+        self.budget = budget
+
+    def target(self, obs: Any) -> float:
+        lo, hi = self.bounds.lo, self.bounds.hi
+        n = max(0, round(math.log2(hi / lo)))
+        return float(min(hi, lo * 2 ** min(n, math.floor(obs.samples * (n + 1) / self.budget))))
+
+
+def make_callback(kind: str, **kw: Any):
+    """The `AdaptiveBatchSize` of a run kind; the only code that knows the callback's API.
+
+    Kinds: ``control`` (monitor only at a fixed batch, ``ref_batch_size = b0``, no lr rule:
+    only the betas / eps / weight-decay transforms apply), ``default`` (the library default
+    policy and rules), ``sqrt`` (B = sqrt(b0 * B_simple), McCandlish's App. D shape) and
+    ``ramp`` (doubling from b0 to b_max in equal sample intervals over the budget).
+    Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life`` (the estimator's,
+    for the control only: it is a monitor there; the adaptive runs use the library default).
+    """
+    from adabatch import AdaptiveBatchSize
+    from adabatch.control.policy import FixedPolicy, NoisePolicy
+    from adabatch.control.rules import ScalingRules
+
+    b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
+    common_kw = dict(noise="per_example", resize="sampler", ref_batch_size=b0, max_samples=n,
+                     log_every_n_steps=25)
+    if kind == "control":
+        return AdaptiveBatchSize(policy=FixedPolicy(), rules=ScalingRules(lr="none"),
+                                 half_life_samples=kw["half_life"], **common_kw)
+    bounds = dict(min_batch_size=b0, max_batch_size=b_max)
+    if kind == "default":
+        return AdaptiveBatchSize(**bounds, **common_kw)
+    if kind == "sqrt":
+        return AdaptiveBatchSize(policy=NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
+                                 **bounds, **common_kw)
+    if kind == "ramp":
+        return AdaptiveBatchSize(policy=DoublingRamp(n), **bounds, **common_kw)
+    raise ValueError(f"kind={kind!r} is not one of control, {', '.join(VARIANTS)}")
+
+
+VARIANT_LABELS = {
+    "default": "library default",
+    "sqrt": "sqrt law B = sqrt(B0 B_simple)",
+    "ramp": "doubling ramp B0 -> B_max",
+}
+
+
+# ============================================================================ tasks
+@dataclass
+class Task:
+    """One task of the benchmark: its budget, batch grid, lr grid and model."""
+
+    name: str
+    budget: int  # samples per run (N), a multiple of every fixed batch
+    batches: list[int]
+    lr_center: Callable[[int], float]
+    optimizer: str  # sgd | adamw
+    half_life: float  # the estimator's half-life in samples in the control runs
+    loss_text: str
+    make_model: Callable[[float], Any] = None  # type: ignore[assignment]
+    make_dataset: Callable[[int], Any] = None  # type: ignore[assignment]
+    eval_fn: Callable[[Any], float] = None  # type: ignore[assignment]
+    extra_fn: Callable[[Any], dict[str, float]] | None = None
+    const_target: float | None = None  # the constant-lr steps-to-target check's target
+    floor: float = 0.0  # the loss's known floor: the figure shows loss - floor, log scale
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def control(self) -> bool:
+        """Whether the kappa transforms change anything (Adam betas / eps / wd)."""
+        return self.optimizer != "sgd"
+
+    def config(self) -> dict[str, Any]:
+        """What the cached fixed results depend on (besides the code)."""
+        return {"budget": self.budget, "batches": self.batches, "optimizer": self.optimizer,
+                "centres": [self.lr_center(b) for b in self.batches], "notes": self.notes,
+                "warmup": WARMUP, "half_life": self.half_life}
+
+
+def scheduled(cls: type) -> type:
+    """A quiet task module whose optimizer follows warm-up + cosine in samples.
+
+    The model's ``clock`` (a `SampleCounter`, advanced by `SampleClock` before every
+    optimizer step) and ``budget`` drive a `sample_lambda_lr` stepped every optimizer step;
+    ``budget = None`` keeps the lr constant.
+    """
+    from adabatch.control.schedules import SampleSchedule, sample_lambda_lr
+
+    base = common.quiet_module(cls)
+
+    def configure_optimizers(self):  # noqa: ANN001, ANN202
+        opt = base.configure_optimizers(self)
+        if self.budget is None:  # the constant-lr steps-to-target check
+            sched = SampleSchedule("constant")
+        else:
+            sched = SampleSchedule("warmup_cosine", warmup_samples=int(WARMUP * self.budget),
+                                   total_samples=self.budget)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sample_lambda_lr(opt, sched, self.clock),
+                                 "interval": "step"}}
+
+    return type(f"Scheduled{cls.__name__}", (base,), {"configure_optimizers":
+                                                      configure_optimizers})
+
+
+class SampleClock(common.Callback):
+    """Counts the samples of each optimizer step before the step (and so before the
+    scheduler reads them): the schedule sees the samples trained on after this step.
+
+    ``trace`` holds ``(samples before the step, lr)`` of every step, read before any callback
+    after this one scales the learning rate: the schedule itself, to check it is in samples.
+    """
+
+    def __init__(self, counter: Any) -> None:
+        self.counter, self._pending = counter, 0
+        self.trace: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._pending += int(batch[0].shape[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        self.trace.append((self.counter.samples, float(optimizer.param_groups[0]["lr"])))
+        self.counter.add(self._pending)
+        self._pending = 0
+
+
+def schedule_error(run: dict[str, Any], budget: int) -> float:
+    """Largest ``|lr / lr0 - warmup_cosine(samples)|`` over a run's steps (0: in samples)."""
+    from adabatch.control.schedules import warmup_cosine
+
+    return max((abs(lr / run["lr"] - warmup_cosine(s, int(WARMUP * budget), budget))
+                for s, lr in run["lr_trace"]), default=math.nan)
+
+
+def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: int,
+                   batches: list[int]) -> Task:
+    from adabatch.tasks.synthetic import LeastSquaresModel, LeastSquaresProblem
+
+    cond = 10.0
+    problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=cond, seed=0)
+    lam_max = float(problem.spectrum.max())
+    floor = 0.5 * noise_std**2
+    task = Task(
+        name=name, budget=budget, batches=batches, optimizer="sgd",
+        # linear up to the curvature limit (with a cosine the mean lr is half the peak)
+        lr_center=lambda b: min(b / (6.0 * dim), 1.0 / lam_max),
+        half_life=budget / 16, loss_text=f"exact population loss (noise floor {floor:.4g})",
+        const_target=floor * (1 + CONST_EXCESS), floor=floor,
+        notes=[f"least squares dim={dim}, condition={cond:g}, noise_std={noise_std:g} (w0 = 0, "
+               f"initial loss {float(problem.loss(torch.zeros(dim))):.3g}); plain SGD; fresh "
+               "examples; loss evaluated exactly"],
+    )
+    model_cls = scheduled(LeastSquaresModel)
+
+    def make_model(lr: float):
+        return model_cls(dim=dim, noise_std=noise_std, condition=cond, lr=lr, optimizer="sgd",
+                         init_scale=0.0)
+
+    def make_dataset(seed: int, const: bool = False):
+        g = torch.Generator().manual_seed(1000 + seed)
+        x, y = problem.sample((CONST_BUDGET if const else 1) * budget + max(batches), g)
+        return common.BatchedTensorDataset(x.float(), y.float())
+
+    spectrum = problem.spectrum
+    trace_s2 = float(spectrum.square().sum())
+
+    def extra_fn(module) -> dict[str, float]:
+        # exact B_simple and McCandlish's B_noise = 1 + (d^T S d + s^2) tr(S^2) / (d^T S^3 d)
+        w = module.linear.weight.detach().double().reshape(-1)
+        d2 = (w - problem.w_star).square()
+        quad = float((spectrum * d2).sum()) + noise_std**2
+        return {"exact_gns": float(problem.exact_stats(w)["gns"]),
+                "exact_bnoise": 1.0 + quad * trace_s2 / float((spectrum**3 * d2).sum())}
+
+    task.make_model, task.make_dataset = make_model, make_dataset
+    task.eval_fn = lambda m: float(problem.loss(m.linear.weight))
+    task.extra_fn = extra_fn
+    return task
+
+
+def synthetic_task(quick: bool) -> Task:
+    if quick:
+        return _least_squares("synthetic", quick, 8, 1.0, 2048, [8, 16, 32])
+    return _least_squares("synthetic", quick, 64, 1.0, 8192, [16, 32, 64, 128, 256, 512])
+
+
+def noisefloor_task(quick: bool) -> Task:
+    """Least squares run close to its noise floor: B_simple grows without bound as d -> 0."""
+    if quick:
+        return _least_squares(HIGH_GROWTH, quick, 8, 0.05, 1024, [8, 16, 32])
+    return _least_squares(HIGH_GROWTH, quick, 16, 0.05, 32_768,
+                          [16, 32, 64, 128, 256, 512, 1024])
+
+
+def digits_task(quick: bool) -> Task:
+    from adabatch.tasks.digits import DigitsCNN, DigitsData
+
+    data = DigitsData(batch_size=8)
+    data.setup("fit")
+    train = common.BatchedTensorDataset(*data.train_set.tensors)
+    val_x, val_y = data.val_set.tensors
+    budget = 2048 if quick else 12_288
+    task = Task(
+        name="digits", budget=budget, batches=[16, 32] if quick else [16, 32, 64, 128, 256, 512],
+        optimizer="sgd", lr_center=lambda b: min(0.05 * b / 16, 0.2), half_life=budget / 16,
+        loss_text=f"validation cross-entropy ({len(val_y)} held-out digits)",
+        notes=[f"CNN channels (8, 16), hidden 32, on {len(train)} scikit-learn digits "
+               f"({budget / len(train):.1f} epochs); SGD momentum 0.9"],
+    )
+    model_cls = scheduled(DigitsCNN)
+    task.make_model = lambda lr: model_cls(channels=(8, 16), hidden=32, lr=lr, optimizer="sgd",
+                                           momentum=0.9)
+    task.make_dataset = lambda seed: train
+    task.eval_fn = lambda m: float(m.loss((val_x, val_y)))
+    return task
+
+
+def charlm_task(quick: bool) -> Task:
+    from adabatch.tasks.charlm import CharLM, CharLMData
+
+    context, d_model = 32, 32
+    data = CharLMData(batch_size=8, context=context, max_bytes=1_500_000, max_val_windows=128)
+    data.setup("fit")
+    train = common.BatchedWindows(data.train_set)
+    val = common.BatchedWindows(data.val_set)
+    val_x, val_y = val.__getitems__(list(range(len(val))))
+    budget = 1024 if quick else 12_288
+    task = Task(
+        name="charlm", budget=budget, batches=[8, 16] if quick else [8, 16, 32, 64, 128, 256],
+        optimizer="adamw", lr_center=lambda b: min(2e-3 * math.sqrt(b / 8), 1e-2),
+        half_life=budget / 16,
+        loss_text=f"validation cross-entropy, nats/byte ({len(val)} windows of {context})",
+        notes=[f"byte-level transformer d_model={d_model}, 2 layers, 2 heads, context "
+               f"{context}, {len(train)} training windows of stdlib source; AdamW betas "
+               "(0.9, 0.99), weight decay 0.01"],
+    )
+    model_cls = scheduled(CharLM)
+    task.make_model = lambda lr: model_cls(d_model=d_model, n_layers=2, n_heads=2,
+                                           context=context, lr=lr, optimizer="adamw",
+                                           weight_decay=0.01, betas=(0.9, 0.99))
+    task.make_dataset = lambda seed: train
+    task.eval_fn = lambda m: float(m.loss((val_x, val_y)))
+    return task
+
+
+BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits": digits_task,
+            "charlm": charlm_task}
+
+
+@cache
+def get_task(name: str, quick: bool) -> Task:
+    return BUILDERS[name](quick)
+
+
+# ============================================================================ one run
+@dataclass(frozen=True)
+class Job:
+    task: str
+    quick: bool
+    kind: str  # fixed | control | default | sqrt | ramp
+    seed: int
+    lr: float
+    batch: int  # the fixed batch, or B0 for the adaptive runs
+    target: float | None = None  # constant lr until this loss (or CONST_BUDGET x N samples)
+
+
+def _thin(values: list[float], n: int = 200) -> list[float]:
+    """At most ``n`` evenly spaced values (for plots in the JSON)."""
+    if len(values) <= n:
+        return list(values)
+    return [values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)]
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one run to the budget; a JSON-able summary."""
+    from lightning.pytorch import seed_everything
+
+    from adabatch.control.schedules import SampleCounter
+
+    common.quiet_lightning()
+    common.set_threads(1)
+    task = get_task(job.task, job.quick)
+    seed_everything(job.seed, verbose=False)
+    model = task.make_model(job.lr)
+    const = job.target is not None
+    budget = CONST_BUDGET * task.budget if const else task.budget
+    model.clock, model.budget = SampleCounter(), None if const else task.budget
+    data = task.make_dataset(job.seed, const) if const else task.make_dataset(job.seed)
+    loader = common.resizable_loader(data, job.batch, seed=job.seed)
+    cb = None
+    if job.kind != "fixed":
+        cb = make_callback(job.kind, b0=task.batches[0], b_max=task.batches[-1], n=budget,
+                           half_life=task.half_life)
+    evals = common.every_step if const else common.geometric_schedule(1.25, 5)
+    progress = Progress(task.eval_fn, job.target, evals, max_samples=budget, adabatch=cb,
+                        extra_fn=task.extra_fn)
+    clock = SampleClock(model.clock)
+    callbacks = [clock] + ([cb] if cb is not None else []) + [progress]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = common.fast_trainer(callbacks, tmp)
+        t0 = time.perf_counter()
+        trainer.fit(model, train_dataloaders=loader)
+        seconds = time.perf_counter() - t0
+    rec = progress.record
+    model.eval()
+    with torch.no_grad():
+        final = float(task.eval_fn(model))
+    if rec.diverged or not math.isfinite(final):
+        final = math.inf
+    overhead = trainer.callback_metrics.get("adabatch/probe_overhead")
+    out: dict[str, Any] = {
+        **asdict(job), "steps": rec.steps, "samples": rec.samples, "final_loss": final,
+        "diverged": bool(rec.diverged), "wall": rec.wall, "fit_seconds": seconds,
+        "batch_end": rec.batch[-1] if rec.batch else job.batch,
+        "batch_max": max(rec.batch, default=job.batch),
+        "probe_overhead": None if overhead is None else float(overhead),
+        "batch_trace": _thin([float(b) for b in rec.batch]),
+        "gns_trace": _thin(rec.gns), "lr_trace": _thin(clock.trace), "model": {},
+        "reached": rec.reached, "steps_to_target": rec.steps_to_target,
+        "samples_to_target": rec.samples_to_target,
+    }
+    if cb is not None:
+        out["model"]["measured"] = trajectory_model(rec)
+    if task.extra_fn is not None:
+        out["model"]["exact_bnoise"] = trajectory_model(rec, "exact_bnoise")
+        out["model"]["exact_gns"] = trajectory_model(rec, "exact_gns")
+    return out
+
+
+def run_all(jobs: list[Job], n_jobs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run ``jobs`` (in a spawn pool of ``n_jobs`` processes when > 1), in order."""
+    def show(r: dict[str, Any]) -> None:
+        log(f"  [{r['task']} s{r['seed']}] {r['kind']:<8s} B={r['batch']:<5d} lr={r['lr']:<8.3g}"
+            f" steps {r['steps']:6d} loss {r['final_loss']:.5g} B_end {r['batch_end']}"
+            f" {r['wall']:.1f}s")
+
+    if n_jobs <= 1 or len(jobs) <= 1:
+        out = []
+        for j in jobs:
+            out.append(run_job(j))
+            show(out[-1])
+        return out
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+        out = []
+        for r in pool.map(run_job, jobs):
+            show(r)
+            out.append(r)
+        return out
+
+
+# ============================================================================ protocol
+def tune_and_run_fixed(task: Task, quick: bool, tune_seed: int, seeds: list[int], n_jobs: int,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """The lr grid on the tuning seed, then fixed and control runs on ``seeds``."""
+    tried: dict[int, dict[float, dict[str, Any]]] = {b: {} for b in task.batches}
+    factors = {b: [0.5, 1.0, 2.0] for b in task.batches}
+    for _round in range(1 if quick else 3):  # quick: no grid extension
+        jobs = [Job(task.name, quick, "fixed", tune_seed, task.lr_center(b) * f, b)
+                for b in task.batches for f in factors[b] if task.lr_center(b) * f not in tried[b]]
+        for r in run_all(jobs, n_jobs, log):
+            tried[r["batch"]][r["lr"]] = r
+        factors = {}
+        for b in task.batches:  # extend the grid while the best lr is at its edge
+            lrs = sorted(tried[b])
+            best = min(lrs, key=lambda lr: tried[b][lr]["final_loss"])
+            if best == lrs[0]:
+                factors[b] = [best / 2 / task.lr_center(b)]
+            elif best == lrs[-1] and math.isfinite(tried[b][best]["final_loss"]):
+                factors[b] = [best * 2 / task.lr_center(b)]
+        if not factors:
+            break
+        factors = {b: factors.get(b, []) for b in task.batches}
+    best_lr = {b: min(tried[b], key=lambda lr: tried[b][lr]["final_loss"]) for b in task.batches}
+    kinds = ["fixed"] + (["control"] if task.control else [])
+    jobs = [Job(task.name, quick, k, s, best_lr[b], b) for k in kinds for s in seeds
+            for b in task.batches]
+    runs = run_all(jobs, n_jobs, log)
+    out = {"config": task.config(), "tune_seed": tune_seed, "seeds": seeds,
+           "tuning": [r for b in task.batches for r in tried[b].values()],
+           "best_lr": {str(b): lr for b, lr in best_lr.items()}, "runs": runs}
+    if task.const_target is not None:
+        out["constant"] = run_constant_fixed(task, quick, out, n_jobs, log)
+    return out
+
+
+def run_constant_fixed(task: Task, quick: bool, fixed: dict[str, Any], n_jobs: int,
+                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The constant-lr check's fixed runs: every batch at its tuned lr, held constant."""
+    return run_all([Job(task.name, quick, "fixed", s, fixed["best_lr"][str(b)], b,
+                        target=task.const_target) for s in fixed["seeds"] for b in task.batches],
+                   n_jobs, log)
+
+
+def run_adaptive(task: Task, quick: bool, fixed: dict[str, Any], seeds: list[int],
+                 variants: list[str], n_jobs: int, log: Callable[[str], None]) -> list[dict]:
+    """The adaptive variants from B0 at B0's tuned lr; with a constant-lr check, also the
+    default policy at that lr held constant (those runs have a ``target``)."""
+    b0 = task.batches[0]
+    lr0 = fixed["best_lr"][str(b0)]
+    jobs = [Job(task.name, quick, v, s, lr0, b0) for v in variants for s in seeds]
+    if task.const_target is not None and "default" in variants:
+        jobs += [Job(task.name, quick, "default", s, lr0, b0, target=task.const_target)
+                 for s in seeds]
+    return run_all(jobs, n_jobs, log)
+
+
+def config_key(task: Task) -> str:
+    return hashlib.sha1(json.dumps(task.config(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ============================================================================ analysis
+@dataclass
+class Point:
+    """A group of runs (one fixed batch, one variant) over the evaluation seeds."""
+
+    label: str
+    kind: str
+    batch: int
+    lr: float
+    runs: list[dict[str, Any]]
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["final_loss"] for r in self.runs]
+
+    @property
+    def loss(self) -> float:
+        return statistics.median(self.losses)
+
+    @property
+    def lo(self) -> float:
+        return min(self.losses)
+
+    @property
+    def hi(self) -> float:
+        return max(self.losses)
+
+    @property
+    def steps(self) -> float:
+        return statistics.median([r["steps"] for r in self.runs])
+
+    @property
+    def wall(self) -> float:
+        return statistics.median([r["wall"] for r in self.runs])
+
+
+def better_beyond_spread(a: Point, b: Point) -> bool:
+    """``a``'s final loss is lower than ``b``'s beyond the seed spread: the seed ranges are
+    disjoint, or (for runs paired by seed: same data order and initialisation) ``a`` is lower
+    on every common seed, i.e. the range of the per-seed differences excludes 0. Pairing
+    cancels the seed-to-seed variation both share (on the least-squares tasks the data draw
+    moves every run's loss together)."""
+    diffs = paired_difference(a, b)
+    return a.hi < b.lo or (len(diffs) >= 2 and max(diffs) < 0)
+
+
+def equal_or_better(a: Point, b: Point) -> bool:
+    """``a``'s loss is not worse than ``b``'s beyond the seed spread."""
+    return not better_beyond_spread(b, a)
+
+
+def compare(point: Point, fixed: list[Point]) -> dict[str, Any]:
+    """Step savings and domination of an adaptive point against the fixed points."""
+    finite = [f for f in fixed if math.isfinite(f.loss)]
+    best = min(finite, key=lambda f: (f.loss, f.steps), default=None)
+    out: dict[str, Any] = {"best": best, "vs_best": math.nan, "matched": None,
+                           "vs_matched": math.nan, "dominated_by": []}
+    if best is None or not math.isfinite(point.loss):
+        return out
+    if equal_or_better(point, best):
+        out["vs_best"] = 1.0 - point.steps / best.steps
+    # the cheapest fixed batch whose loss is equal or better than the point's
+    matched = [f for f in finite if equal_or_better(f, point)]
+    if matched:
+        m = min(matched, key=lambda f: f.steps)
+        out["matched"], out["vs_matched"] = m, 1.0 - point.steps / m.steps
+    out["dominated_by"] = [f for f in finite
+                           if f.steps <= point.steps and better_beyond_spread(f, point)]
+    out["paired"] = paired_difference(point, best)
+    return out
+
+
+def paired_difference(a: Point, b: Point) -> list[float]:
+    """``a``'s loss minus ``b``'s, seed by seed (same data order and initialisation), for the
+    seeds both have: the seed-to-seed variation common to both cancels."""
+    loss_b = {r["seed"]: r["final_loss"] for r in b.runs}
+    return [r["final_loss"] - loss_b[r["seed"]] for r in a.runs if r["seed"] in loss_b]
+
+
+def model_prediction(point: Point, budget: int, key: str = "measured") -> dict[str, float]:
+    """Medians over seeds of gamma, the growth of B_noise and the predicted step saving."""
+    models = [r["model"].get(key) for r in point.runs if r["model"].get(key)]
+    if not models:
+        return {"gamma": math.nan, "growth": math.nan, "pred": math.nan, "first": math.nan,
+                "last": math.nan, "e_min": math.nan}
+    pred = [predicted_saving(m["gamma"], budget, m["e_min"]) for m in models]
+    growth = [m["last"] / m["first"] for m in models]
+    med = common.finite_median
+    return {"gamma": med([m["gamma"] for m in models]), "growth": med(growth),
+            "pred": med(pred), "first": med([m["first"] for m in models]),
+            "last": med([m["last"] for m in models]), "e_min": med([m["e_min"] for m in models])}
+
+
+def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -> dict[str, Any]:
+    best_lr = {int(b): lr for b, lr in fixed["best_lr"].items()}
+    const_runs = [r for r in adaptive if r.get("target") is not None]
+    adaptive = [r for r in adaptive if r.get("target") is None]
+    adaptive_pts = group_variants(adaptive)
+
+    def group(kind: str, runs: list[dict[str, Any]], key: str, label: Callable[[Any], str]):
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["kind"] == kind:
+                groups.setdefault(r[key], []).append(r)
+        return [Point(label(k), kind, rs[0]["batch"], rs[0]["lr"], rs) for k, rs in
+                groups.items()]
+
+    fixed_pts = group("fixed", fixed["runs"], "batch", lambda b: f"B={b}")
+    control_pts = group("control", fixed["runs"], "batch", lambda b: f"B={b} +transforms")
+    frontier = fixed_pts + control_pts  # a batch schedule must beat the transforms too
+    comparisons = {p.kind: compare(p, frontier) for p in adaptive_pts}
+    models = {p.kind: model_prediction(p, task.budget) for p in adaptive_pts}
+    exact = {p.kind: model_prediction(p, task.budget, "exact_bnoise") for p in adaptive_pts}
+    fixed_growth = {p.batch: model_prediction(p, task.budget, "exact_gns")["growth"]
+                    for p in fixed_pts}
+    control_growth = {p.batch: model_prediction(p, task.budget)["growth"] for p in control_pts}
+    all_runs = fixed["tuning"] + fixed["runs"] + adaptive
+    sched_err = max((schedule_error(r, task.budget) for r in all_runs if r.get("lr_trace")),
+                    default=math.nan)
+    budget_range = (min(r["samples"] for r in all_runs), max(r["samples"] for r in all_runs))
+    return dict(task=task, best_lr=best_lr, fixed=fixed_pts, control=control_pts,
+                schedule_error=sched_err, budget_range=budget_range,
+                adaptive=adaptive_pts, comparisons=comparisons, models=models, exact=exact,
+                fixed_growth=fixed_growth, control_growth=control_growth, raw=fixed,
+                constant=constant_check(task, fixed.get("constant", []), const_runs))
+
+
+def _median_inf(values: list[float]) -> float:
+    """Median with a missing value (a run that did not reach the target) as ``inf``."""
+    return statistics.median([v if math.isfinite(v) else math.inf for v in values])
+
+
+def constant_check(task: Task, fixed_runs: list[dict], adaptive_runs: list[dict]) -> dict | None:
+    """Constant lr, steps to ``task.const_target``: the default policy from B0 against the
+    fixed-batch (samples, steps) frontier at its samples (+ `common.SAMPLE_TOLERANCE`)."""
+    if not fixed_runs or not adaptive_runs:
+        return None
+
+    def summary(runs: list[dict]) -> dict[str, Any]:
+        steps = _median_inf([r["steps_to_target"] if r["reached"] else math.inf for r in runs])
+        samples = _median_inf([r["samples_to_target"] if r["reached"] else math.inf
+                               for r in runs])
+        return {"steps": steps, "samples": samples, "reached": sum(r["reached"] for r in runs),
+                "n": len(runs), "lr": runs[0]["lr"],
+                "wall": statistics.median([r["wall"] for r in runs])}
+
+    per_batch = {b: summary([r for r in fixed_runs if r["batch"] == b]) for b in task.batches}
+    front = common.pareto([(v["samples"], v["steps"]) for v in per_batch.values()])
+    ada = summary(adaptive_runs)
+    ada["batch_end"] = statistics.median([r["batch_end"] for r in adaptive_runs])
+    f_steps = common.frontier_steps(front, ada["samples"])
+    saving = 1.0 - ada["steps"] / f_steps if math.isfinite(ada["steps"]) else -math.inf
+    return {"per_batch": per_batch, "adaptive": ada, "frontier_steps": f_steps,
+            "saving": saving, "met": bool(math.isfinite(ada["steps"]) and saving >= 0)}
+
+
+def group_variants(adaptive: list[dict[str, Any]]) -> list[Point]:
+    out = []
+    for v in VARIANTS:
+        rs = [r for r in adaptive if r["kind"] == v]
+        if rs:
+            out.append(Point(VARIANT_LABELS[v], v, rs[0]["batch"], rs[0]["lr"], rs))
+    return out
+
+
+# ============================================================================ output
+def _loss(p: Point) -> str:
+    return median_range(p.losses, ".5g") if all(map(math.isfinite, p.losses)) else (
+        f"{sum(not math.isfinite(v) for v in p.losses)}/{len(p.losses)} diverged; "
+        + median_range(p.losses, ".5g"))
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task: Task = out["task"]
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+
+    f0 = task.floor
+
+    def draw(points: list[Point], fmt_: str, color: str, label: str, line: bool = True) -> None:
+        pts = [p for p in points if math.isfinite(p.loss)]
+        if not pts:
+            return
+        xs, ys = [p.steps for p in pts], [p.loss - f0 for p in pts]
+        err = [[p.loss - p.lo for p in pts], [p.hi - p.loss for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, fmt=fmt_, color=color, capsize=3, ms=6, label=label,
+                    ls="-" if line else "none", lw=1)
+        for p in pts:
+            if p.kind == "fixed":
+                ax.annotate(f"B={p.batch}", (p.steps, p.loss - f0), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+
+    draw(out["fixed"], "o", "0.3", "fixed batch, tuned lr")
+    draw(out["control"], "s", "tab:purple", "fixed + kappa transforms (control)")
+    style = {"default": ("*", "tab:red"), "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
+    for p in out["adaptive"]:
+        m, c = style[p.kind]
+        draw([p], m, c, p.label, line=False)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps (equal sample budget)")
+    ax.set_ylabel(f"final {task.loss_text}" + (f" - {f0:.4g}" if f0 else ""))
+    finite = [v - f0 for p in out["fixed"] + out["control"] + out["adaptive"] for v in p.losses
+              if math.isfinite(v)]
+    if f0 or (finite and min(finite) > 0 and max(finite) / min(finite) > 3):
+        ax.set_yscale("log")
+    ax.set_title(f"{task.name}: N = {task.budget} samples, warm-up + cosine in samples; "
+                 "median and range over seeds", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(v: float) -> str:
+    return fmt(100 * v, ".1f") + "%" if math.isfinite(v) else "n/a"
+
+
+def goals(outs: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for out in outs:
+        task, comp = out["task"], out["comparisons"].get("default")
+        text = f"{task.name}: the default policy is not dominated by a fixed batch"
+        if comp is None:
+            lines.append(common.goal_line(text, None, "no default-policy runs"))
+            continue
+        doms = comp["dominated_by"]
+        lines.append(common.goal_line(
+            text, not doms,
+            "dominated by " + ", ".join(f"{f.label} ({f.steps:.0f} steps, loss {f.loss:.4g})"
+                                        for f in doms) if doms else
+            f"{out['adaptive'][0].steps:.0f} steps, loss {_loss(out['adaptive'][0])}"))
+    hg = next((o for o in outs if o["task"].name == HIGH_GROWTH), None)
+    if hg is not None and "default" in hg["comparisons"]:
+        comp, model = hg["comparisons"]["default"], hg["models"]["default"]
+        saving = comp["vs_best"]
+        lines.append(common.goal_line(
+            f"{HIGH_GROWTH}: >= {SAVING_GOAL:.0%} fewer steps than the best fixed batch of "
+            "equal or better final loss",
+            bool(math.isfinite(saving) and saving >= SAVING_GOAL),
+            f"saving {_pct(saving)} against {comp['best'].label if comp['best'] else 'n/a'}; "
+            "against the cheapest fixed batch of equal or better loss: "
+            f"{_pct(comp['vs_matched'])}"))
+        pred = model["pred"]
+        met = None if not (math.isfinite(pred) and pred > 0) else bool(
+            math.isfinite(saving) and saving >= PREDICTED_FRACTION_GOAL * pred)
+        lines.append(common.goal_line(
+            f"{HIGH_GROWTH}: >= {PREDICTED_FRACTION_GOAL:.0%} of the model's predicted saving",
+            met, f"predicted {_pct(pred)} (gamma {fmt(model['gamma'], '.2f')}), measured "
+                 f"{_pct(saving)}" + ("" if met is not None else "; prediction not positive")))
+        growth = model["growth"]
+        lines.append(common.goal_line(
+            f"{HIGH_GROWTH}: the measured noise scale grows >= {GROWTH_GOAL:g}x over training "
+            "(a precondition)", bool(math.isfinite(growth) and growth >= GROWTH_GOAL),
+            f"adabatch/gns {fmt(model['first'], '.3g')} -> {fmt(model['last'], '.3g')}: "
+            f"x{fmt(growth, '.3g')} in the default runs"))
+    for out in outs:
+        c = out["constant"]
+        if c is None:
+            continue
+        a = c["adaptive"]
+        lines.append(common.goal_line(
+            f"{out['task'].name}: constant lr, steps to target from the smallest batch: no more "
+            "than the best fixed batch at equal samples", c["met"],
+            f"default policy {fmt(a['steps'], '.4g', 'inf')} steps / "
+            f"{fmt(a['samples'], '.4g', 'inf')} samples ({a['reached']}/{a['n']} reached); "
+            f"fixed frontier there {fmt(c['frontier_steps'], '.4g')} steps: saving "
+            f"{fmt(100 * c['saving'], '.1f', '-inf')}%"))
+    return lines
+
+
+def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None,
+           load_before: str, seconds: float, figures: dict[str, Path]) -> str:
+    lines = [f"## {SECTION}: fixed vs adaptive batch at an equal sample budget", ""]
+    lines += common.context_lines("equal_budget.py", argv, load_before)
+    lines.append(f"- wall time of the benchmark: {seconds:.0f} s, CPU time {cpu_seconds():.0f} s "
+                 f"(this process and its workers; jobs {args.jobs}; fixed runs "
+                 f"{'reused from the cache' if args.reuse_fixed else 'run now'})")
+    lines.append(
+        f"- protocol: per task one sample budget N and one lr schedule in samples (linear "
+        f"warm-up over {WARMUP:.0%} of N, cosine to 0 at N) for every run. Fixed batches: lr "
+        f"tuned on seed {args.tune_seed} (grid x0.5/x1/x2 around a centre, extended while the "
+        f"best is at an edge), then seeds {args.seeds} at the best. Control: the same runs "
+        "with AdaptiveBatchSize as a monitor (fixed policy, ref_batch_size = B0, no lr rule), "
+        "so the Adam betas^kappa / eps/sqrt(kappa) / weight-decay transforms apply (run where "
+        "they exist: Adam-family tasks). Adaptive: from B0 at B0's tuned lr, ref_batch_size = "
+        "B0, max batch = the largest fixed one, the library's default rules and estimator "
+        "half-life (the control's monitor uses N/16); the critical-batch probe's replays are "
+        "extra compute, not counted as steps (its cost is the 'probe overhead' column)")
+    lines.append(
+        "- 'beyond the seed spread' = the seed ranges [min, max] of the final loss do not "
+        "overlap, or (runs paired by seed) the per-seed differences all have one sign. saving "
+        "vs best = 1 - steps / steps of the best-loss fixed batch (fixed or "
+        "control), counted only when the adaptive loss is equal or better. saving vs matched "
+        "= against the fewest-step fixed batch whose loss is equal or better. dominated = a "
+        "fixed batch with a lower loss beyond the spread in no more steps. 'loss - best fixed's"
+        "' pairs the runs of one seed (same data order and initialisation): median [min, max] "
+        "of the differences, for a sharper view than the unpaired ranges. Model: McCandlish "
+        "et al. 2018 App. D from the measured B_simple of the run, gamma = "
+        "<sqrt B_noise>^2/<B_noise> over progress (one step worth B/(B + B_noise)), E_min = "
+        "sum of B_noise dS_min, predicted saving = 1 - (1 + gamma/x)/(1 + 1/x), x = N/E_min - 1")
+    lines += ["", "### Goals", ""] + goals(outs)
+    for out in outs:
+        task: Task = out["task"]
+        lo, hi = out["budget_range"]
+        lines += ["", f"### {task.name}", "", f"- N = {task.budget} samples (runs used {lo} to "
+                  f"{hi}: a run stops at the first step that reaches N); loss: {task.loss_text}"]
+        lines += [f"- {n}" for n in task.notes]
+        lines.append("- schedule check: largest |lr/lr0 - warmup_cosine(samples before the step)|"
+                     f" over every step of every run: {fmt(out['schedule_error'], '.2g')}")
+        if task.name in figures:
+            lines.append(f"- figure: `{_rel(figures[task.name])}`")
+        measured = out["raw"].get("measured")
+        if args.reuse_fixed and measured:
+            lines.append(f"- fixed and control runs reused from `{measured['command']}` of "
+                         f"{measured['date']} on {measured['device']}")
+        rows = []
+        for p in out["fixed"] + out["control"]:
+            growth = (out["fixed_growth"] if p.kind == "fixed" else out["control_growth"]).get(
+                p.batch, math.nan)
+            rows.append([p.label, fmt(p.lr, ".3g"), _loss(p), f"{p.steps:.0f}",
+                         f"{p.wall:.2f}", fmt(growth, ".3g")])
+        lines += ["", "Fixed frontier (evaluation seeds):", ""]
+        lines.append(common.md_table(["batch", "lr", "final loss median [min, max]", "steps",
+                                      "wall s", "B_simple growth (exact / measured)"], rows))
+        rows = []
+        for p in out["adaptive"]:
+            c, m, e = out["comparisons"][p.kind], out["models"][p.kind], out["exact"][p.kind]
+            over = [r["probe_overhead"] for r in p.runs if r["probe_overhead"] is not None]
+            rows.append([
+                p.label, fmt(p.lr, ".3g"), _loss(p), f"{p.steps:.0f}",
+                median_range([r["batch_end"] for r in p.runs], ".0f"),
+                _pct(c["vs_best"]) + (f" vs {c['best'].label}" if c["best"] else ""),
+                _pct(c["vs_matched"]) + (f" vs {c['matched'].label}" if c["matched"] else ""),
+                ", ".join(f.label for f in c["dominated_by"]) or "no",
+                median_range(c.get("paired", []), "+.2g"),
+                f"{fmt(m['first'], '.3g')} -> {fmt(m['last'], '.3g')} (x{fmt(m['growth'], '.3g')})",
+                fmt(m["gamma"], ".2f") + (f" (exact {fmt(e['gamma'], '.2f')})"
+                                          if math.isfinite(e["gamma"]) else ""),
+                _pct(m["pred"]) + (f" (exact {_pct(e['pred'])})" if math.isfinite(e["gamma"])
+                                   else ""),
+                f"{p.wall:.2f}", median_range([100 * v for v in over], ".1f") + "%"
+                if over else "not logged"])
+        lines += ["", "Adaptive (evaluation seeds):", ""]
+        lines.append(common.md_table(
+            ["variant", "lr at B0", "final loss median [min, max]", "steps", "B at end",
+             "saving vs best fixed", "saving vs matched fixed", "dominated by",
+             "loss - best fixed's, per seed",
+             "B_simple first -> last tenth", "gamma", "predicted saving", "wall s",
+             "probe overhead"], rows))
+        c = out["constant"]
+        if c is not None:
+            lines += ["", f"Constant lr (each batch at its tuned lr, held constant), steps to "
+                      f"loss <= {fmt(task.const_target, '.4g')} (medians over seeds; at most "
+                      f"{CONST_BUDGET} N samples):", ""]
+            rows = [[f"B={b}", fmt(v["lr"], ".3g"), fmt(v["steps"], ".4g", "inf"),
+                     fmt(v["samples"], ".4g", "inf"), f"{v['reached']}/{v['n']}",
+                     f"{v['wall']:.2f}"] for b, v in c["per_batch"].items()]
+            a = c["adaptive"]
+            rows.append([f"library default from B={task.batches[0]} (B at end "
+                         f"{a['batch_end']:.0f})", fmt(a["lr"], ".3g"),
+                         fmt(a["steps"], ".4g", "inf"), fmt(a["samples"], ".4g", "inf"),
+                         f"{a['reached']}/{a['n']}", f"{a['wall']:.2f}"])
+            lines.append(common.md_table(["run", "lr", "steps", "samples", "reached", "wall s"],
+                                         rows))
+        tuning = sorted(out["raw"]["tuning"], key=lambda r: (r["batch"], r["lr"]))
+        lines += ["", f"lr tuning (seed {out['raw']['tune_seed']}):", ""]
+        lines.append(common.md_table(
+            ["B", "lr", "final loss", "best"],
+            [[r["batch"], fmt(r["lr"], ".3g"), fmt(r["final_loss"], ".5g", "diverged"),
+              "yes" if out["best_lr"][r["batch"]] == r["lr"] else ""] for r in tuning]))
+    return "\n".join(lines)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished child processes."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(common.BENCH_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+# ============================================================================ main
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny noise-floor task, one seed, two variants (seconds)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="evaluation seeds (default 1 2 3; --quick: 1)")
+    ap.add_argument("--tune-seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
+    ap.add_argument("--reuse-fixed", action="store_true",
+                    help="read the fixed and control runs from --data instead of running them")
+    ap.add_argument("--reuse-adaptive", action="store_true",
+                    help="with --reuse-fixed: re-analyse the cached adaptive runs too")
+    ap.add_argument("--fixed-only", action="store_true",
+                    help="run and cache the fixed and control runs only (no report)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="directory of the cached runs (default benchmarks/data; --quick: none)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to write to (default benchmarks/RESULTS.md; --quick: none)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="directory for PNGs (default benchmarks/figures; --quick: none)")
+    args = ap.parse_args(argv)
+    if args.tasks is None:
+        args.tasks = [HIGH_GROWTH] if args.quick else list(TASKS)
+    if args.seeds is None:
+        args.seeds = [1] if args.quick else [1, 2, 3]
+    if args.variants is None:
+        args.variants = ["default", "ramp"] if args.quick else list(VARIANTS)
+    if not args.quick:
+        args.data = args.data or DATA_DIR
+        args.results = args.results or common.DEFAULT_RESULTS
+        args.figures = args.figures or common.FIGURES_DIR
+    if args.reuse_adaptive and not args.reuse_fixed:
+        ap.error("--reuse-adaptive needs --reuse-fixed")
+    if args.reuse_fixed and args.data is None:
+        ap.error("--reuse-fixed needs --data (or a full run)")
+    if args.jobs < 1:
+        ap.error(f"--jobs={args.jobs} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse(argv)
+    common.quiet_lightning()
+    load_before = common.load_average()
+    t0 = time.perf_counter()
+    outs = []
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    for name in args.tasks:
+        task = get_task(name, args.quick)
+        path = None if args.data is None else Path(args.data) / f"equal_budget_{name}.json"
+        if args.reuse_fixed:
+            saved = json.loads(path.read_text())
+            if saved["key"] != config_key(task):
+                raise SystemExit(f"{path} was measured with another task configuration; "
+                                 "rerun without --reuse-fixed")
+            fixed = saved["fixed"]
+            if task.const_target is not None and "constant" not in fixed:
+                fixed["constant"] = run_constant_fixed(task, args.quick, fixed, args.jobs, log)
+                path.write_text(json.dumps({"key": config_key(task), "fixed": fixed}, indent=1))
+        else:
+            log(f"== {name}: fixed batches {task.batches}, N = {task.budget}")
+            fixed = tune_and_run_fixed(task, args.quick, args.tune_seed, args.seeds, args.jobs,
+                                       log)
+            fixed["measured"] = {"date": common.now(), "device": common.device_line(),
+                                 "command": common.command_line("equal_budget.py", argv)}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"key": config_key(task), "fixed": fixed}, indent=1))
+        if args.fixed_only:
+            continue
+        apath = None if path is None else path.with_name(f"equal_budget_{name}_adaptive.json")
+        if args.reuse_adaptive:
+            adaptive = json.loads(apath.read_text())["runs"]
+        else:
+            log(f"== {name}: adaptive {args.variants}")
+            adaptive = run_adaptive(task, args.quick, fixed, args.seeds, args.variants,
+                                    args.jobs, log)
+            if apath is not None:
+                apath.write_text(json.dumps({"measured": {
+                    "date": common.now(), "device": common.device_line(),
+                    "command": common.command_line("equal_budget.py", argv)},
+                    "runs": adaptive}, indent=1))
+        outs.append(analyze(task, fixed, adaptive))
+    seconds = time.perf_counter() - t0
+    if args.fixed_only:
+        print(f"fixed runs cached in {args.data} ({seconds:.0f} s, CPU {cpu_seconds():.0f} s)")
+        return outs
+    figures: dict[str, Path] = {}
+    if args.figures is not None:
+        for out in outs:
+            figures[out["task"].name] = Path(args.figures) / f"equal_budget_{out['task'].name}.png"
+            plot(out, figures[out["task"].name])
+    text = render(outs, args, argv, load_before, seconds, figures)
+    print(text)
+    if args.results is not None:
+        common.write_section(args.results, SECTION, text)
+        print(f"wrote section '{SECTION}' to {args.results}")
+    return outs
+
+
+if __name__ == "__main__":
+    main()
