@@ -53,6 +53,7 @@ from adabatch.noise.step_stats import (
 from adabatch.progress import split_progress_metrics, sync_train_total
 from adabatch.state import STATE_VERSION, validate_state
 from adabatch.summary import RunSummary, print_summary
+from adabatch.types import Count
 
 NoiseSource = Literal["auto", "per_example", "microbatch"]
 ResizeMode = Literal["auto", "accumulate", "sampler"]
@@ -119,14 +120,14 @@ class AdaptiveBatchSize(Callback):
         policy: Policy | None = None,
         noise: NoiseSource = "auto",
         rules: ScalingRules | None = None,
-        ref_batch_size: int | None = None,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        max_samples: int | None = None,
+        ref_batch_size: Count | None = None,
+        min_batch_size: Count | None = None,
+        max_batch_size: Count | None = None,
+        max_samples: Count | None = None,
         resize: ResizeMode = "accumulate",
-        max_micro_batch: int | None = None,
+        max_micro_batch: Count | None = None,
         half_life_samples: float | None = None,
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: Count | None = None,
     ) -> None:
         super().__init__()
         self.enabled = check.flag("enabled", enabled)

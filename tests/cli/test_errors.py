@@ -53,9 +53,6 @@ def test_count_refuses_non_integers_naming_the_value(text):
         parser.parse_args([f"--b.steps={text}"])
 
 
-@pytest.mark.xfail(strict=True, reason="integrator: annotate the callback's counts "
-                   "(max_samples, ...) as adabatch.types.Count: jsonargparse refuses 1e6 for "
-                   "`int | None` before the constructor's own check.count sees it")
 def test_max_samples_1e6_on_the_command_line(tiny_charlm, capsys):
     with pytest.raises(SystemExit) as e:
         main([*tiny_charlm, "--adabatch.max_samples=1e6", "--print_config"])

@@ -4,7 +4,7 @@ The factors are multiplied into each param group just before the update and take
 after it, so a user's LR scheduler (which runs after ``optimizer.step``) only ever sees and
 writes its own values. Writing the factors permanently fights chainable schedulers:
 ``ExponentialLR`` multiplies the group's current lr, so a permanent x5 compounds to
-1, 5, 25, 125 (measured, DESIGN.md).
+1, 5, 25, 125 (measured, docs/DESIGN.md).
 
 In a Lightning callback::
 
