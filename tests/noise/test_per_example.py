@@ -779,3 +779,27 @@ def test_custom_layer_inside_a_stock_encoder_gets_no_layout_hint():
     assert probe.uncovered == [] and "layers.0.fc.weight" in probe.covered  # (self_attn unused)
     expected = vmap_sq_norms(enc, _mse, x, y, 1, probe.covered)
     torch.testing.assert_close(probe.sq_norms, expected, rtol=RTOL, atol=0)
+
+
+def test_layout_memory_survives_detach_and_attach():
+    """A batch dim resolved on an earlier pass decides a later pass with T == B, also after
+    the probe was detached and attached again (the critical-batch probe pauses it so)."""
+    emb = torch.nn.Embedding(50, 4)
+    probe = PerExampleGradNorms(emb, loss_reduction="sum").attach()
+    probe.batch_size = 8
+    emb(torch.randint(0, 50, (8, 32))).sum().backward()
+    probe.reset()
+    probe.detach()
+    probe.attach()
+    probe.batch_size = 32
+    ids = torch.randint(0, 50, (32, 32))
+    emb(ids).square().sum().backward()
+    assert probe.uncovered == []
+    got = probe.sq_norms.clone()
+    probe.detach()
+    expected = []  # the oracle: one example at a time
+    for i in range(32):
+        emb.weight.grad = None
+        emb(ids[i: i + 1]).square().sum().backward()
+        expected.append(emb.weight.grad.square().sum())
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)

@@ -310,7 +310,12 @@ class PerExampleGradNorms:
         """Decide coverage, register the hooks and start from empty results."""
         if self._attached:
             raise RuntimeError("PerExampleGradNorms is already attached; call detach() first")
+        # The batch dims resolved on earlier passes describe the model, not one attachment:
+        # keep them across detach()/attach() (a later pass with T == B relies on them).
+        memos = {id(unit.module): unit.memo for unit in getattr(self, "_units", [])}
         self._analyse()
+        for unit in self._units:
+            unit.memo.update(memos.get(id(unit.module), {}))
         self._clear_results()
         self._runtime_reasons, self._coupled, self._unit_of = {}, None, {}
         self._passes, self._saw_grad, self._check_now = 0, False, False
