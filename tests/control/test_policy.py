@@ -137,19 +137,26 @@ def _probe(batch, r, gns, rel=0.0, samples=1000, factor=2):
                        branch_progress=r, gns=gns, gns_rel_std=rel)
 
 
-def test_critical_policy_waits_for_a_probe_then_follows_its_level():
+def test_critical_policy_grows_like_the_square_root_capped_by_the_probe():
     p = bound(CriticalBatchPolicy(confidence=0.0), 16, 1 << 14, 16)
     o = obs(gns=100.0, batch_size=16)
-    assert p.target(o) is None and p.rho is None
-    # r = 0.9 at B = 16, k = 2: B_crit = 16 (1.8 - 1) / 0.1 = 128, rho = 1.28
+    # no probe yet: the square-root law from the starting batch, uncapped
+    assert p.rho is None and p.target(o) == pytest.approx(math.sqrt(16 * 100.0))
+    big = obs(gns=10_000.0, batch_size=16)
+    assert p.target(big) == pytest.approx(400.0)  # 100x the noise scale: 10x the batch
+    # r = 0.9 at B = 16, k = 2: B_crit = 16 (1.8 - 1) / 0.1 = 128, rho = 1.28 > 1: the
+    # level is not raised; the cap 0.5 * B_crit = 64 is above sqrt(16 * 100) = 40
     p.observe_probe(_probe(16, 0.9, gns=100.0))
     assert p.rho == pytest.approx(1.28)
     assert p.critical_batch(o) == pytest.approx(128.0)
-    assert p.target(o) == pytest.approx(min(0.5 * 128, math.sqrt(16 * 128)))
-    # between probes the level follows B_simple's shape: 100x the noise scale, 10x the batch
-    big = obs(gns=10_000.0, batch_size=16)
-    assert p.critical_batch(big) == pytest.approx(12_800.0)
-    assert p.target(big) == pytest.approx(math.sqrt(16 * 12_800.0))
+    assert p.target(o) == pytest.approx(40.0)
+    assert p.target(big) == pytest.approx(400.0)  # below the cap 0.5 * 12800
+    # a probe that finds a small critical batch (r = 0.6: B_crit = 16 * 0.2 / 0.4 = 8)
+    # lowers the level and caps the target at half of it
+    q = bound(CriticalBatchPolicy(confidence=0.0), 16, 1 << 14, 16)
+    q.observe_probe(_probe(16, 0.6, gns=100.0))
+    assert q.rho == pytest.approx(0.08)
+    assert q.target(o) == pytest.approx(min(math.sqrt(16 * 8.0), 0.5 * 8.0))
 
 
 def test_critical_policy_calibration_is_a_weighted_log_mean_and_clipped():
@@ -183,7 +190,7 @@ def test_critical_policy_state_roundtrip_and_bind_resets():
     q.load_state_dict(p.state_dict())
     assert q.rho == p.rho and q.results == p.results
     o = obs(samples=9000, steps=150, gns=3000.0, batch_size=96, loss=0.9)
-    assert q.decide(o, 96) == p.decide(o, 96)
+    assert q.decide(o, 96) == p.decide(o, 96) > 96
     p.bind(BatchBounds(16, 4096, 16))
     assert p.rho is None and p.results == []
     with pytest.raises(ValueError, match="log_rho='x'"):

@@ -459,26 +459,29 @@ def _lower_bound(obs: Observation, confidence: float) -> float | None:
 
 
 class CriticalBatchPolicy(Policy):
-    """Follow the measured critical batch, growing like its square root (the default).
+    """Grow like the square root of the noise scale, capped by the measured critical batch
+    (the default).
 
-    The noise scale ``B_simple`` tracks the *shape* of the critical batch's growth but not
-    its level (measured ``B_crit / B_simple`` from 0.12 to 10 across tasks, docs/DESIGN.md).
-    A branched probe (:class:`~adabatch.control.critical.CriticalBatchProbe`) measures the
-    level: it replays a window of training at ``k x B`` and compares the progress with the
-    main run's. Between probes the critical batch is ``B_crit(t) = rho * B_simple_lcb(t)``
-    with ``rho`` the geometric mean of the probes' ``B_crit / B_simple_lcb`` (each probe
-    weighted by ``calibration_weight`` against the older ones), ``B_simple_lcb`` the lower
-    confidence bound ``B_simple / (1 + z rel_std)``.
+    The target is ``B_min ** (1 - p) * level ** p`` with ``p = exponent`` (0.5: McCandlish
+    et al. 2018, App. D: the step-optimal schedule at a fixed data overhead grows like
+    ``sqrt(B_noise)``), ``B_min`` the bottom of the bounds (the batch the run starts at, the
+    one its hyperparameters were tuned at) and ``level`` the lower confidence bound of the
+    noise scale ``B_simple / (1 + z rel_std)``: the geometric mean of the starting batch and
+    the noise scale, which stays at ``B_min`` while the noise scale is below it and grows
+    ``10x`` when it grows ``100x``.
 
-    The target is ``min(max_fraction * B_crit, B_min ** (1 - p) * B_crit ** p)`` with
-    ``p = exponent`` (0.5: McCandlish et al. 2018, App. D: the step-optimal schedule at a
-    fixed data overhead grows like ``sqrt(B_noise)``), ``B_min`` the bottom of the bounds
-    (the batch the run starts at). With ``p = 0.5`` the batch is the geometric mean of the
-    starting batch and the critical batch: it stays at ``B_min`` while the critical batch is
-    there, and grows ``10x`` when the critical batch grows ``100x``. ``max_fraction`` keeps
-    it below the critical batch, where a larger batch stops saving steps.
+    The noise scale tracks the *shape* of the critical batch's growth but not its level
+    (measured ``B_crit / B_simple`` from 0.12 to 10 across tasks, docs/DESIGN.md). A branched
+    probe (:class:`~adabatch.control.critical.CriticalBatchProbe`) measures the level: it
+    replays a window of training at ``k x B`` and compares the progress with the main run's.
+    Its calibration ``rho``, the weighted geometric mean of the probes'
+    ``B_crit / B_simple_lcb``, gives ``B_crit(t) = rho * B_simple_lcb(t)`` between probes,
+    and it is used conservatively: the target never exceeds ``max_fraction * B_crit(t)``
+    (where a larger batch stops saving steps; Merrill et al. 2025 double while the critical
+    batch is above ``2B``), and a ``rho < 1`` lowers the level to ``rho * B_simple_lcb``;
+    a ``rho > 1`` does not raise it (one probe's "no loss at kB" is bounded by its noise).
 
-    No target (``None``: keep the batch) before the first conclusive probe.
+    Before the first conclusive probe the target is the square-root law alone.
 
     Args:
         exponent: ``p`` in ``(0, 1]``.
@@ -494,13 +497,13 @@ class CriticalBatchPolicy(Policy):
         >>> p = CriticalBatchPolicy(confidence=0.0)
         >>> p.bind(BatchBounds(16, 4096, granularity=16))
         >>> o = Observation(1000, 60, 16, gns=100.0, gns_rel_std=0.1)
-        >>> p.target(o) is None          # no probe yet
-        True
+        >>> p.target(o)                  # sqrt(16 * 100), no probe yet
+        40.0
         >>> p.observe_probe(ProbeResult(samples=1000, batch_size=16, factor=2,
         ...                             progress=1.0, branch_progress=0.75, gns=100.0))
         >>> p.rho                        # B_crit = 16 (2 * 0.75 - 1) / 0.25 = 32
         0.32
-        >>> p.target(o)                  # min(0.5 * 32, sqrt(16 * 32))
+        >>> p.target(o)                  # min(sqrt(16 * 32), 0.5 * 32)
         16.0
     """
 
@@ -570,12 +573,18 @@ class CriticalBatchPolicy(Policy):
         )
 
     def target(self, obs: Observation) -> float | None:
-        crit = self.critical_batch(obs)
-        if crit is None:
+        lcb = _lower_bound(obs, self.confidence)
+        if lcb is None:
             return None
         assert self.bounds is not None
-        shaped = self.bounds.lo ** (1.0 - self.exponent) * crit**self.exponent
-        return min(self.max_fraction * crit, shaped)
+        rho = self.rho
+        # The probe lowers the level, never raises it: one probe's "k B lost nothing" is
+        # bounded by its own noise (taken at face value it drove the char-LM batch to 96 and
+        # +0.064 nats, benchmarks/RESULTS.md, equal_budget).
+        level = lcb if rho is None else min(1.0, rho) * lcb
+        shaped = self.bounds.lo ** (1.0 - self.exponent) * level**self.exponent
+        cap = math.inf if rho is None else self.max_fraction * rho * lcb
+        return min(shaped, cap)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
