@@ -476,3 +476,11 @@ def predicted_saving(tradeoff: float, samples: float, e_min: float) -> float:
         return math.nan
     x = samples / e_min - 1.0
     return 1.0 - (1.0 + tradeoff / x) / (1.0 + 1.0 / x)
+
+
+def rel_path(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(BENCH_DIR.parent))
+    except ValueError:
+        return str(path)

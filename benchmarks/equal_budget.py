@@ -881,11 +881,7 @@ def cpu_seconds() -> float:
                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(common.BENCH_DIR.parent))
-    except ValueError:
-        return str(path)
+_rel = common.rel_path
 
 
 # ============================================================================ main

@@ -809,11 +809,7 @@ def render(outs: list[dict[str, Any]], args, argv, load_before: str, seconds: fl
     return "\n".join(lines)
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(common.BENCH_DIR.parent))
-    except ValueError:
-        return str(path)
+_rel = common.rel_path
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
