@@ -75,3 +75,27 @@ def test_usage_and_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "'frobnicate'" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_a_users_policy_subclass_is_selected_by_class_path(tiny_charlm, tmp_path, monkeypatch):
+    """The LightningCLI section takes any Policy subclass by class_path, with its own and the
+    base class's arguments (the discipline), and the run uses it."""
+    (tmp_path / "my_policy.py").write_text(
+        "from adabatch import Policy\n"
+        "class Doubling(Policy):\n"
+        "    def __init__(self, every: int = 8, **discipline):\n"
+        "        super().__init__(**discipline)\n"
+        "        self.every = every\n"
+        "    def target(self, obs):\n"
+        "        return self.bounds.lo * 2 ** (obs.samples // self.every)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main([*tiny_charlm, "--adabatch.policy=my_policy.Doubling",
+          "--adabatch.policy.every=8", "--adabatch.policy.hysteresis=0.0",
+          "--adabatch.policy.min_samples_between_changes=0",  # the config sets 2000
+          "--adabatch.max_batch_size=16", "--trainer.max_steps=6"])
+    import json
+
+    summary = json.loads((tmp_path / "run" / "v" / "summary.json").read_text())
+    sizes = [h["batch_size"] for h in summary["batch_size_history"]]
+    assert max(sizes) > 4, sizes
