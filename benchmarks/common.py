@@ -484,3 +484,15 @@ def rel_path(path: Path) -> str:
         return str(Path(path).resolve().relative_to(BENCH_DIR.parent))
     except ValueError:
         return str(path)
+
+
+def charlm_windows(context: int) -> tuple[BatchedWindows, Any, Any]:
+    """The char-LM benchmark data: train windows (batched fetching) and the whole validation
+    set as two tensors (the first 1.5 MB of stdlib source, 128 validation windows)."""
+    from adabatch.tasks.charlm import CharLMData
+
+    data = CharLMData(batch_size=8, context=context, max_bytes=1_500_000, max_val_windows=128)
+    data.setup("fit")
+    val = BatchedWindows(data.val_set)
+    val_x, val_y = val.__getitems__(list(range(len(val))))
+    return BatchedWindows(data.train_set), val_x, val_y

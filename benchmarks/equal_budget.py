@@ -300,20 +300,16 @@ def digits_task(quick: bool) -> Task:
 
 
 def charlm_task(quick: bool) -> Task:
-    from adabatch.tasks.charlm import CharLM, CharLMData
+    from adabatch.tasks.charlm import CharLM
 
     context, d_model = 32, 32
-    data = CharLMData(batch_size=8, context=context, max_bytes=1_500_000, max_val_windows=128)
-    data.setup("fit")
-    train = common.BatchedWindows(data.train_set)
-    val = common.BatchedWindows(data.val_set)
-    val_x, val_y = val.__getitems__(list(range(len(val))))
+    train, val_x, val_y = common.charlm_windows(context)
     budget = 1024 if quick else 12_288
     task = Task(
         name="charlm", budget=budget, batches=[8, 16] if quick else [8, 16, 32, 64, 128, 256],
         optimizer="adamw", lr_center=lambda b: min(2e-3 * math.sqrt(b / 8), 1e-2),
         half_life=budget / 16,
-        loss_text=f"validation cross-entropy, nats/byte ({len(val)} windows of {context})",
+        loss_text=f"validation cross-entropy, nats/byte ({len(val_x)} windows of {context})",
         notes=[f"byte-level transformer d_model={d_model}, 2 layers, 2 heads, context "
                f"{context}, {len(train)} training windows of stdlib source; AdamW betas "
                "(0.9, 0.99), weight decay 0.01"],

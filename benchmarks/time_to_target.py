@@ -248,20 +248,16 @@ def synthetic_task(quick: bool) -> Task:
 
 
 def charlm_task(quick: bool) -> Task:
-    from adabatch.tasks.charlm import CharLM, CharLMData
+    from adabatch.tasks.charlm import CharLM
 
     context, d_model = 32, 32
-    data = CharLMData(batch_size=8, context=context, max_bytes=1_500_000, max_val_windows=128)
-    data.setup("fit")
-    train = common.BatchedWindows(data.train_set)
-    val = common.BatchedWindows(data.val_set)
-    val_x, val_y = val.__getitems__(list(range(len(val))))
+    train, val_x, val_y = common.charlm_windows(context)
     target = 2.3
     task = Task(
         name="charlm",
         target=target,
         target_text=f"validation cross-entropy <= {target:g} nats/byte "
-                    f"({len(val)} windows of {context} bytes)",
+                    f"({len(val_x)} windows of {context} bytes)",
         batches=[8, 16, 32, 64, 128],
         # AdamW's usable lr saturates near 5e-3 here: on seed 0 at B >= 32 the smallest lr of a
         # sqrt-scaled sweep was always best, and B >= 32 all needed ~145 steps
