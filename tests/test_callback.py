@@ -508,7 +508,7 @@ def test_the_default_half_life_follows_a_growing_noise_scale(tmp_path):
     """SGD from far to near w*: the exact B_noise grows ~25x, then wanders at the noise
     floor. The oracle is the exact ratio of the mean tr(Sigma) to the mean |G|^2 over the
     last quarter of the run (what a ratio of EMAs over that span estimates). The default
-    half-life (a quarter of the samples so far) ends within 2x of it; a fixed half-life
+    half-life (a sixteenth of the samples so far) ends within 2x of it; a fixed half-life
     longer than the run stays weighted to the early steps (measured: 44 against ~250)."""
 
     class Exact(Callback):

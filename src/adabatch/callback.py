@@ -61,7 +61,7 @@ ResizeMode = Literal["auto", "accumulate", "sampler"]
 _MIN_EFFECTIVE_STEPS = 8.0
 # The default half-life of the estimator: this fraction of the samples so far, and at least
 # this many steps of the current batch.
-_HALF_LIFE_FRACTION = 0.25
+_HALF_LIFE_FRACTION = 0.0625
 _MIN_HALF_LIFE_STEPS = 16
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
@@ -94,11 +94,13 @@ class AdaptiveBatchSize(Callback):
             (grow the micro-batch up to ``max_micro_batch``, then accumulate).
         max_micro_batch: cap on the per-rank micro-batch in ``sampler``/``auto`` modes.
         half_life_samples: half-life of the noise-scale estimator's EMAs, in samples.
-            Default (``None``): a quarter of the samples trained so far, and at least
+            Default (``None``): a sixteenth of the samples trained so far, and at least
             ``16`` steps of the current batch: the estimate then follows a noise scale that
-            grows with training progress (a fixed half-life longer than the run kept the
-            estimate near its early values: 11 against an exact ~10^4 on a least-squares
-            run, benchmarks/RESULTS.md).
+            grows with training progress. A longer window errs silently: ``|G|^2`` falls by
+            orders of magnitude as training converges and old, large values dominate the
+            EMA (a quarter of the samples kept the lower bound at ~7 against an exact ~10^4
+            on least squares at its noise floor; a sixteenth let it grow to ~250), while the
+            variance of a short one is measured and enters the policy's lower bound.
         log_every_n_steps: log ``adabatch/*`` metrics every this many optimizer steps
             (default: the trainer's ``log_every_n_steps``).
 
@@ -573,9 +575,7 @@ class AdaptiveBatchSize(Callback):
         accepted = False
         if stats.skip is None:
             if self.half_life_samples is None:
-                self._estimator.half_life_samples = max(
-                    _MIN_HALF_LIFE_STEPS * batch, _HALF_LIFE_FRACTION * self.samples
-                )
+                self._estimator.half_life_samples = default_half_life(self.samples, batch)
             accepted = self._estimator.update(stats.small_sq, stats.b, stats.big_sq, batch)
         else:
             self._estimator.record_skip()  # never reaches the estimate; counted
@@ -893,6 +893,13 @@ class AdaptiveBatchSize(Callback):
         bar, rest = split_progress_metrics(metrics)
         pl_module.log_dict(rest, on_step=True, on_epoch=False, batch_size=1)
         pl_module.log_dict(bar, on_step=True, on_epoch=False, batch_size=1, prog_bar=True)
+
+
+def default_half_life(samples: float, batch_size: int,
+                      fraction: float = _HALF_LIFE_FRACTION) -> float:
+    """The estimator's default half-life in samples: ``fraction`` of the samples trained so
+    far, and at least ``16`` steps of the current batch (see ``half_life_samples``)."""
+    return max(_MIN_HALF_LIFE_STEPS * batch_size, fraction * samples)
 
 
 def _compiled_modules(module: Any) -> list[str]:
