@@ -223,3 +223,16 @@ def test_every_mutant_applies_to_todays_code(tmp_path):
         assert target.read_text() != (root / m.path).read_text()
         for test in m.tests:
             assert (root / test.split("::")[0]).is_file(), test
+
+
+def test_gns_tracking_quick():
+    """The script runs, marks the callback's default window, and on its (seeded) run the
+    sixteenth-of-the-samples window errs less than the quarter."""
+    gt = importlib.import_module("gns_tracking")
+    text = gt.main(["--quick"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| lower bound")}
+    assert set(rows) == {"lower bound, f = 1/4", "lower bound, f = 1/8",
+                         "lower bound, f = 1/16 (default)"}
+    assert float(rows["lower bound, f = 1/16 (default)"][6]) < float(
+        rows["lower bound, f = 1/4"][6])
