@@ -35,6 +35,9 @@ STATS = "tests/noise/test_step_stats.py"
 MICRO = "tests/noise/test_microbatch.py"
 DDP = "tests/test_callback_ddp.py::test_two_ranks_measure_the_exact_statistics"
 SHORT_WINDOW = "tests/test_callback.py::test_a_short_last_accumulation_window_is_measured_exactly"
+ORACLE = "tests/test_branch.py::test_the_probe_reports_the_closed_form_critical_batch"
+ORACLE_DDP = "tests/test_branch.py::test_two_ranks_report_the_closed_form_critical_batch"
+RULES = "tests/control/test_rules.py"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "src/adabatch/callback.py",
            'all_reduce_fn=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),',
            "all_reduce_fn=None,", (DDP,), ddp=True),
+    # -- the decision's inputs: the probe's critical batch and the lr gain ---------------
+    Mutant("branch_lr_unscaled", "the probe's branch at k x B run with B's hyperparameters",
+           "src/adabatch/branch.py",
+           "                apply_factors(k * batch)", "                apply_factors(batch)",
+           (ORACLE,)),
+    Mutant("branch_window_off_by_one", "the branch replays one main step too few",
+           "src/adabatch/branch.py",
+           'steps = window["steps"][: self.config.window_steps]',
+           'steps = window["steps"][: self.config.window_steps - 1]', (ORACLE,)),
+    Mutant("gain_falls_back_to_one", "AdaScale gain 1 (B_ref's lr) when |G|^2 is estimated <= 0",
+           "src/adabatch/control/rules.py",
+           "        return float(batch_size) / float(ref_batch_size)", "        return 1.0",
+           (RULES,)),
+    Mutant("branch_grads_summed", "the branch's gradients summed over ranks, not averaged",
+           "src/adabatch/branch.py",
+           'p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")',
+           'p.grad = trainer.strategy.reduce(p.grad, reduce_op="sum")', (ORACLE_DDP,), ddp=True),
     Mutant("mb_count_per_rank", "micro-batch count checked against one rank's batches",
            "src/adabatch/noise/step_stats.py",
            "expected = batches", "expected = batches / world_size", (E2E, DDP), ddp=True),
