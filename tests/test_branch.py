@@ -125,16 +125,19 @@ def test_bad_probe_settings_name_the_value():
             CriticalBatchProbe(**kwargs)
 
 
-def test_two_ranks_probe_and_decide_identically(tmp_path):
+def _two_ranks(script: str, out: Path) -> list[dict]:
+    """Run ``tests/scripts/<script>`` as a 2-rank gloo job; each rank's JSON."""
     here = Path(__file__).parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH",
                                                                                  "")]))
-    proc = subprocess.run(
-        [sys.executable, str(here / "scripts" / "ddp_branch.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    proc = subprocess.run([sys.executable, str(here / "scripts" / script), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_probe_and_decide_identically(tmp_path):
+    r0, r1 = _two_ranks("ddp_branch.py", tmp_path)
     assert r0["results"], "the test needs a probe"
     assert r0 == r1  # same probes, same decisions, same weights on both ranks
     assert r0["spent"] <= 0.3 * r0["samples"]
@@ -157,14 +160,5 @@ def test_the_probe_reports_the_closed_form_critical_batch(tmp_path, noise, accum
 def test_two_ranks_report_the_closed_form_critical_batch(tmp_path):
     """The same oracle under 2-rank gloo DDP (each rank replays its own micro-batches; the
     branch's gradients are averaged): both ranks report it."""
-    here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH",
-                                                                                  "")]))
-    proc = subprocess.run(
-        [sys.executable, str(here / "scripts" / "ddp_probe_oracle.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for out in _two_ranks("ddp_probe_oracle.py", tmp_path):
         probe_oracle.check([ProbeResult.from_dict(r) for r in out["results"]], out["sq_norms"])
