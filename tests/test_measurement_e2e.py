@@ -7,6 +7,7 @@ The two-rank (gloo) runs of the same cases are in test_callback_ddp.py.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -97,7 +98,8 @@ class CompiledMLP(LeastSquaresModel):
 
 
 @pytest.mark.parametrize("noise", ["per_example", "auto"])
-def test_compiled_module_steps_never_reach_the_estimator(tmp_path, noise):
+def test_compiled_module_steps_never_reach_the_estimator(tmp_path, noise, caplog):
+    caplog.set_level(logging.INFO)
     seed_everything(0)
     model = CompiledMLP(dim=4, lr=1e-12)
     data = LeastSquaresData(dim=4, batch_size=4, num_samples=64)
@@ -114,8 +116,9 @@ def test_compiled_module_steps_never_reach_the_estimator(tmp_path, noise):
         assert est.num_updates == 0 and est.num_skipped == 8 and est.gns is None
         assert logged.rows[-1]["adabatch/skipped_steps"] == 8.0
     else:
-        # auto sees the compiled module and uses parameter hooks, which do fire
+        # auto sees the compiled module and uses parameter hooks, which do fire; it says why
         assert cb._source == "microbatch"
+        assert "uses micro-batch statistics" in caplog.text and "torch.compile'd" in caplog.text
         assert est.num_updates == 8 and est.num_skipped == 0
 
 
