@@ -157,10 +157,24 @@ class Task:
         return self.optimizer != "sgd"
 
     def config(self) -> dict[str, Any]:
-        """What the cached fixed results depend on (besides the code)."""
+        """What the cached runs depend on, the data each seed sees included (a fingerprint of
+        its first batches: a change to the sampler or the data invalidates the cache)."""
         return {"budget": self.budget, "batches": self.batches, "optimizer": self.optimizer,
                 "centres": [self.lr_center(b) for b in self.batches], "notes": self.notes,
-                "warmup": WARMUP, "half_life": self.half_life}
+                "warmup": WARMUP, "half_life": self.half_life,
+                "data": data_fingerprint(self)}
+
+
+def data_fingerprint(task: Task, seed: int = 1, batches: int = 4) -> str:
+    """A digest of the first ``batches`` batches a run of ``seed`` reads at the smallest batch
+    (float64 sums of each tensor): the data and its order, as the runs see them."""
+    loader = common.resizable_loader(task.make_dataset(seed), task.batches[0], seed=seed)
+    sums = []
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        sums += [round(float(t.double().sum()), 6) for t in batch]
+    return hashlib.sha1(json.dumps(sums).encode()).hexdigest()[:12]
 
 
 def scheduled(cls: type) -> type:
@@ -993,6 +1007,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         adaptive_measured = None
         if args.reuse_adaptive:
             saved_adaptive = json.loads(apath.read_text())
+            if saved_adaptive.get("key") != config_key(task):
+                raise SystemExit(f"{apath} was measured with another task configuration or "
+                                 "data; rerun without --reuse-adaptive")
             adaptive, adaptive_measured = saved_adaptive["runs"], saved_adaptive["measured"]
         else:
             log(f"== {name}: adaptive {args.variants}")
@@ -1002,7 +1019,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 apath.write_text(json.dumps({"measured": {
                     "date": common.now(), "device": common.device_line(),
                     "command": common.command_line("equal_budget.py", argv),
-                    "commit": _commit()}, "runs": adaptive}, indent=1))
+                    "commit": _commit()}, "key": config_key(task), "runs": adaptive},
+                    indent=1))
         outs.append(analyze(task, fixed, adaptive))
         outs[-1]["adaptive_measured"] = adaptive_measured
     seconds = time.perf_counter() - t0
