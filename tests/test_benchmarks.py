@@ -236,3 +236,12 @@ def test_gns_tracking_quick():
                          "lower bound, f = 1/16 (default)"}
     assert float(rows["lower bound, f = 1/16 (default)"][6]) < float(
         rows["lower bound, f = 1/4"][6])
+
+
+def test_equal_budget_cache_key_follows_the_data():
+    """The cached runs are keyed by what each seed reads: the same data gives the same key,
+    another order (seed) another fingerprint."""
+    task = eb.get_task("noisefloor", True)
+    assert eb.data_fingerprint(task) == eb.data_fingerprint(task)
+    assert eb.data_fingerprint(task, seed=2) != eb.data_fingerprint(task, seed=1)
+    assert task.config()["data"] == eb.data_fingerprint(task)
