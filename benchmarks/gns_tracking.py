@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from adabatch.callback import default_half_life  # noqa: E402
+from adabatch.callback import DEFAULT_HALF_LIFE_FRACTION, default_half_life  # noqa: E402
 from adabatch.control.policy import lower_bound  # noqa: E402
 from adabatch.control.schedules import warmup_cosine  # noqa: E402
 from adabatch.noise.estimator import GNSEstimator  # noqa: E402
@@ -107,18 +107,13 @@ def summarize(runs: list[dict[str, list]]) -> list[list[str]]:
                 for j in range(n // 2, n) if math.isfinite(r[f"gns{i}"][j])]
         undefined = sum(not math.isfinite(r[f"gns{i}"][j]) for r in runs
                         for j in range(n // 2, n)) / (len(runs) * (n - n // 2))
-        label = f"f = 1/{round(1 / f)}" + (" (default)" if f == _default_fraction() else "")
+        label = f"f = 1/{round(1 / f)}" + (" (default)" if f == DEFAULT_HALF_LIFE_FRACTION else "")
         rows.append([f"lower bound, {label}",
                      *(common.fmt(at(f"lcb{i}", j), ".3g") for j in marks),
                      f"x{common.fmt(growth, '.3g')}",
                      common.fmt(math.exp(statistics.median(errs)) if errs else math.nan, ".3g"),
                      f"{100 * undefined:.0f}%"])
     return rows
-
-
-def _default_fraction() -> float:
-    """The fraction the callback's default rule uses (read back from the rule)."""
-    return default_half_life(1e9, 1) / 1e9
 
 
 def main(argv: list[str] | None = None) -> str:

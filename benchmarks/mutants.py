@@ -129,7 +129,7 @@ MUTANTS: tuple[Mutant, ...] = (
            'steps = window["steps"][: self.config.window_steps - 1]', (ORACLE,)),
     Mutant("half_life_quarter", "the estimator's default window a quarter of the samples",
            "src/adabatch/callback.py",
-           "_HALF_LIFE_FRACTION = 0.0625", "_HALF_LIFE_FRACTION = 0.25",
+           "DEFAULT_HALF_LIFE_FRACTION = 0.0625", "DEFAULT_HALF_LIFE_FRACTION = 0.25",
            ("tests/test_callback.py::"
             "test_the_default_half_life_tracks_the_noise_scale_to_the_noise_floor",)),
     Mutant("gain_falls_back_to_one", "AdaScale gain 1 (B_ref's lr) when |G|^2 is estimated <= 0",

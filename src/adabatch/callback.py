@@ -61,7 +61,7 @@ ResizeMode = Literal["auto", "accumulate", "sampler"]
 _MIN_EFFECTIVE_STEPS = 8.0
 # The default half-life of the estimator: this fraction of the samples so far, and at least
 # this many steps of the current batch.
-_HALF_LIFE_FRACTION = 0.0625
+DEFAULT_HALF_LIFE_FRACTION = 0.0625
 _MIN_HALF_LIFE_STEPS = 16
 _NOISE_SOURCES = ("auto", "per_example", "microbatch")
 _RESIZE_MODES = ("auto", "accumulate", "sampler")
@@ -896,7 +896,7 @@ class AdaptiveBatchSize(Callback):
 
 
 def default_half_life(samples: float, batch_size: int,
-                      fraction: float = _HALF_LIFE_FRACTION) -> float:
+                      fraction: float = DEFAULT_HALF_LIFE_FRACTION) -> float:
     """The estimator's default half-life in samples: ``fraction`` of the samples trained so
     far, and at least ``16`` steps of the current batch (see ``half_life_samples``)."""
     return max(_MIN_HALF_LIFE_STEPS * batch_size, fraction * samples)

@@ -159,8 +159,9 @@ def adascale_gain(
     ``trace_sigma`` or ``grad_sq`` is not finite or ``trace_sigma < 0``, the gain is ``1.0``
     (no learning-rate change). An estimate ``grad_sq <= 0`` with ``trace_sigma > 0`` says the
     gradient is lost in the noise: the gain is then its limit as ``|G|^2 -> 0``,
-    ``B / B_ref`` (a fallback to 1.0 there dropped the lr to B_ref's at a large batch on
-    4-22% of the steps of a least-squares run near its noise floor, and cost it final loss).
+    ``B / B_ref``. (A fallback to 1.0 there dropped the lr to B_ref's at a large batch
+    whenever the EMA of ``|G|^2`` was <= 0: on about half of the late steps at B = 16 near a
+    least-squares noise floor, ``benchmarks/gns_tracking.py``, column "undefined".)
     The batch sizes are configuration, not estimates: a bad one raises.
 
     Args:
