@@ -72,7 +72,7 @@ HIGH_GROWTH = ("noisefloor", "charlm_long")
 GROWTH_GOAL = 100.0
 SAVING_GOAL = 0.30
 PREDICTED_FRACTION_GOAL = 0.8
-VARIANTS = ("default", "sqrt", "ramp")
+VARIANTS = ("default", "critical", "seesaw", "seesaw_uncapped", "seesaw_adam_plain", "sqrt", "ramp")
 CONST_BUDGET = 4  # the constant-lr check runs until its target or this many budgets
 CONST_EXCESS = 0.2  # its target: the noise floor plus this fraction (least-squares tasks)
 
@@ -104,7 +104,8 @@ def make_callback(kind: str, **kw: Any):
     for the control only: it is a monitor there; the adaptive runs use the library default).
     """
     from adabatch import AdaptiveBatchSize
-    from adabatch.control.policy import FixedPolicy, NoisePolicy
+    from adabatch.control.policy import (CriticalBatchPolicy, FixedPolicy, NoisePolicy,
+                                         SeesawPolicy)
     from adabatch.control.rules import ScalingRules
 
     b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
@@ -116,6 +117,15 @@ def make_callback(kind: str, **kw: Any):
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
     if kind == "default":
         return AdaptiveBatchSize(**bounds, **common_kw)
+    if kind == "critical":
+        return AdaptiveBatchSize(policy=CriticalBatchPolicy(), **bounds, **common_kw)
+    if kind == "seesaw":
+        return AdaptiveBatchSize(policy=SeesawPolicy(), **bounds, **common_kw)
+    if kind == "seesaw_uncapped":
+        return AdaptiveBatchSize(policy=SeesawPolicy(noise_fraction=None), **bounds, **common_kw)
+    if kind == "seesaw_adam_plain":  # Seesaw as published: Adam's betas and eps untouched
+        return AdaptiveBatchSize(policy=SeesawPolicy(), rules=ScalingRules(betas=False, eps=False),
+                                 **bounds, **common_kw)
     if kind == "sqrt":
         return AdaptiveBatchSize(policy=NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
                                  **bounds, **common_kw)
@@ -126,6 +136,10 @@ def make_callback(kind: str, **kw: Any):
 
 VARIANT_LABELS = {
     "default": "library default",
+    "critical": "CriticalBatchPolicy (sqrt law, probe cap)",
+    "seesaw": "SeesawPolicy (lr decay -> batch, cap B_simple)",
+    "seesaw_uncapped": "SeesawPolicy, no noise cap",
+    "seesaw_adam_plain": "SeesawPolicy, Adam betas/eps not scaled",
     "sqrt": "sqrt law B = sqrt(B0 B_simple)",
     "ramp": "doubling ramp B0 -> B_max",
 }
@@ -711,7 +725,9 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     draw(out["fixed"], "o", "0.3", "fixed batch, tuned lr")
     draw(out["control"], "s", "tab:purple", "fixed + kappa transforms (control)")
-    style = {"default": ("*", "tab:red"), "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
+    style = {"default": ("*", "tab:red"), "critical": ("P", "tab:orange"),
+             "seesaw": ("X", "tab:brown"), "seesaw_uncapped": ("x", "tab:pink"),
+             "seesaw_adam_plain": ("v", "tab:olive"), "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
     for p in out["adaptive"]:
         m, c = style[p.kind]
         draw([p], m, c, p.label, line=False)

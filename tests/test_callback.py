@@ -566,3 +566,40 @@ def test_the_default_half_life_follows_a_growing_noise_scale(tmp_path):
     assert exact > 20 * first, (first, exact)  # the test needs a growing noise scale (26x)
     assert exact / 2 < default < 2 * exact, (default, exact)
     assert fixed < exact / 3, (fixed, exact)
+
+
+@pytest.mark.parametrize(("rule", "lr_after"), [("kappa", 0.02), ("auto", None)])
+def test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr(
+        tmp_path, rule, lr_after):
+    """Smith et al.'s trade through the callback: the schedule drops the lr to a quarter at
+    step 20; SeesawPolicy makes the batch 4 x 8 = 32 and SGD's linear rule puts the lr the
+    optimizer uses back at its peak (the AdaScale gain, the default, at most there)."""
+    from adabatch.control.policy import SeesawPolicy
+
+    class StepDrop(LeastSquaresModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.02)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if i < 20 else 0.25)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    seed_everything(0)
+    model = StepDrop(dim=8, init_scale=1.0)
+    data = SamplerData(dim=8, batch_size=8, num_samples=4096)
+    cb = AdaptiveBatchSize(noise="per_example", resize="sampler", ref_batch_size=8,
+                           policy=SeesawPolicy(noise_fraction=None, hysteresis=0.0),
+                           rules=ScalingRules(lr=rule), min_batch_size=8, max_batch_size=64)
+    rec = StepRecorder()
+    trainer(tmp_path, [cb, rec], max_steps=40).fit(model, data)
+    rows = rec.rows
+    assert [r["batch"] for r in rows[:20]] == [8] * 20
+    assert all(r["lr"] == pytest.approx(0.02) for r in rows[:20])
+    # decided after step 20, in force by the loader's lag (two batches: docs/DESIGN.md)
+    assert cb.history == [{"step": 20, "samples": 160, "batch_size": 32, "from": 8}]
+    landed = next(i for i, r in enumerate(rows) if r["batch"] == 32)
+    assert landed <= 23 and all(r["batch"] == 32 for r in rows[landed:])
+    assert all(r["lr"] == pytest.approx(0.005) for r in rows[20:landed])  # kappa 1 meanwhile
+    for r in rows[landed:]:
+        if lr_after is not None:
+            assert r["lr"] == pytest.approx(lr_after)
+        else:
+            assert 0.005 < r["lr"] <= 0.02 + 1e-12

@@ -18,6 +18,7 @@ _EXPORTS = {
     "NoisePolicy": "adabatch.control.policy",
     "GoodputPolicy": "adabatch.control.policy",
     "RampPolicy": "adabatch.control.policy",
+    "SeesawPolicy": "adabatch.control.policy",
     "FixedPolicy": "adabatch.control.policy",
     "CriticalBatchProbe": "adabatch.control.critical",
     "ScalingRules": "adabatch.control.rules",

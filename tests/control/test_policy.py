@@ -17,6 +17,7 @@ from adabatch.control.policy import (
     Observation,
     Policy,
     RampPolicy,
+    SeesawPolicy,
 )
 
 
@@ -209,6 +210,66 @@ def test_critical_policy_state_roundtrip_and_bind_resets():
 def test_critical_policy_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CriticalBatchPolicy(**kwargs)
+
+
+# --------------------------------------------------------------------------- SeesawPolicy
+
+
+def sobs(lr, gns=1e6, samples=0, steps=0, batch_size=16, rel=0.0):
+    return Observation(samples, steps, batch_size, gns, rel, lr_factor=lr)
+
+
+@pytest.mark.parametrize(
+    ("lrs", "expected"),
+    [
+        ([1.0], 16.0),  # at the peak: B_min
+        ([1.0, 0.5], 32.0),  # lr halved: batch doubled
+        ([0.1, 0.5, 1.0, 0.25], 64.0),  # a warm-up is not traded: relative to the peak
+        ([2.0, 0.5], 64.0),  # a peak above the initial lr (OneCycle): relative to it
+        ([1.0, 0.0], math.inf),  # decayed to zero: as large as the bounds allow
+    ],
+)
+def test_seesaw_trades_the_schedule_relative_to_its_peak(lrs, expected):
+    p = bound(SeesawPolicy(noise_fraction=None), 16, 4096, 16)
+    for lr in lrs:
+        t = p.target(sobs(lr))
+    assert t == expected
+
+
+def test_seesaw_is_capped_by_the_noise_scale_lower_bound_and_holds_without_one():
+    p = bound(SeesawPolicy(noise_fraction=0.5, confidence=2.0), 16, 4096, 16)
+    p.target(sobs(1.0))
+    # wants 16 / 0.1 = 160; the cap: 0.5 * 300 / (1 + 2 * 0.25) = 100
+    assert p.target(sobs(0.1, gns=300.0, rel=0.25)) == pytest.approx(100.0)
+    assert p.target(sobs(0.1, gns=1e5, rel=0.25)) == pytest.approx(160.0)
+    assert p.target(sobs(0.1, gns=None)) is None  # no estimate: hold
+    assert p.target(sobs(0.1, gns=300.0, rel=None)) is None  # spread unknown: hold
+    assert p.target(sobs(None)) is None  # schedule unknown: hold
+
+
+def test_seesaw_through_the_discipline_never_decreases_and_state_roundtrips():
+    p = bound(SeesawPolicy(noise_fraction=None, hysteresis=0.0), 16, 4096, 16)
+    assert p.decide(sobs(1.0, samples=100), 16) == 16
+    assert p.decide(sobs(0.25, samples=200), 16) == 64
+    assert p.decide(sobs(0.5, samples=300), 64) == 64  # the lr rose: never decrease
+    q = bound(SeesawPolicy(noise_fraction=None, hysteresis=0.0), 16, 4096, 16)
+    q.load_state_dict(p.state_dict())
+    # the peak came back with the state: 0.125 of it is 128, not 16
+    assert q.decide(sobs(0.125, samples=400), 64) == p.decide(sobs(0.125, samples=400), 64) == 128
+    p.bind(BatchBounds(16, 4096, 16))
+    assert p.target(sobs(0.125)) == 16.0  # bind forgets the peak
+    with pytest.raises(ValueError, match="lr_peak=-1"):
+        q.load_state_dict({**q.state_dict(), "lr_peak": -1})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"noise_fraction": 0.0}, "noise_fraction=0.0"), ({"confidence": -1}, "confidence=-1"),
+     ({"hysteresis": -0.1}, "hysteresis=-0.1")],
+)
+def test_seesaw_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SeesawPolicy(**kwargs)
 
 
 # --------------------------------------------------------------------------- spike guard

@@ -47,6 +47,7 @@ __all__ = [
     "Observation",
     "Policy",
     "RampPolicy",
+    "SeesawPolicy",
     "lower_bound",
 ]
 
@@ -604,6 +605,109 @@ class CriticalBatchPolicy(Policy):
             raise ValueError(f"policy.results={results!r} must be a list")
         self.results = [ProbeResult.from_dict(r) for r in results]
         self._log_rho = None if log_rho is None else float(log_rho)
+
+
+class SeesawPolicy(Policy):
+    """Trade the learning-rate schedule's decay for batch growth, capped by the noise scale.
+
+    Where the user's schedule would lower the learning rate by a factor ``s`` (relative to
+    its peak so far), grow the batch by ``1 / s`` instead: ``B = B_min / s``. The scaling
+    rules then turn the schedule's ``lr * s`` into ``lr * s * kappa`` for SGD (the lr stays
+    at its peak: Smith et al. 2018, "Don't Decay the Learning Rate, Increase the Batch
+    Size") and ``lr * s * sqrt(kappa) = lr * sqrt(s)`` for Adam (Seesaw, Meterez et al.
+    2025: cut the lr by ``sqrt(a)`` and grow the batch by ``a`` where the schedule cuts it by
+    ``a``). Both keep the noise of the update (lr / B for SGD, lr / sqrt(B) for Adam) on the
+    schedule's trajectory, so the loss follows the fixed-batch run's at equal samples while
+    the number of steps falls by the mean of ``s`` over the decay (about half under a
+    cosine to zero).
+
+    The equivalence holds only while the batch stays below the critical batch, where the
+    lr rule is still linear (square-root); past it a larger batch stops replacing lr decay
+    (McCandlish et al. 2018; Seesaw's own limit). The batch is therefore capped at
+    ``noise_fraction x B_simple_lcb`` (the noise scale's lower confidence bound
+    ``B_simple / (1 + z rel_std)``); where the estimate is unusable the batch is held.
+
+    With a constant learning rate there is nothing to trade and the batch stays at
+    ``B_min``: growing at a constant noise temperature cannot beat a tuned fixed batch in
+    McCandlish et al.'s model (docs/POLICIES.md); use :class:`CriticalBatchPolicy` or
+    :class:`NoisePolicy` to grow on the noise scale alone.
+
+    The schedule factor is the first parameter group's lr before adabatch's factors,
+    relative to its largest value so far (a warm-up is not traded). With the default
+    ``never_decrease=True`` a schedule that rises again (warm restarts) keeps the batch and
+    the scaled lr: set ``never_decrease=False`` for such schedules.
+
+    Args:
+        noise_fraction: cap on ``B / B_simple_lcb`` (> 0; ``None``: no cap but the bounds).
+        confidence: ``z >= 0`` of the lower confidence bound on ``B_simple``.
+        **discipline: :class:`Policy`'s arguments.
+
+    Example::
+
+        >>> p = SeesawPolicy(confidence=0.0)
+        >>> p.bind(BatchBounds(16, 4096, granularity=16))
+        >>> p.target(Observation(0, 0, 16, gns=1e4, lr_factor=0.1))    # warm-up: peak so far
+        16.0
+        >>> p.target(Observation(800, 50, 16, gns=1e4, lr_factor=1.0))  # the peak
+        16.0
+        >>> p.target(Observation(8000, 400, 16, gns=1e4, lr_factor=0.25))  # lr / 4: B x 4
+        64.0
+        >>> p.target(Observation(9000, 420, 64, gns=40.0, lr_factor=0.25))  # capped by B_simple
+        40.0
+    """
+
+    def __init__(
+        self,
+        noise_fraction: float | None = 1.0,
+        confidence: float = 2.0,
+        **discipline: Any,
+    ) -> None:
+        super().__init__(**discipline)
+        self.noise_fraction = (
+            None if noise_fraction is None
+            else check.number("noise_fraction", noise_fraction, 0.0, strict=True)
+        )
+        self.confidence = check.number("confidence", confidence, 0.0)
+        self._lr_peak: float | None = None
+
+    def bind(self, bounds: BatchBounds) -> None:
+        super().bind(bounds)
+        self._lr_peak = None
+
+    def schedule_factor(self, obs: Observation) -> float | None:
+        """``s``: the schedule's lr relative to its peak so far (``None``: unknown)."""
+        lr = obs.lr_factor
+        if lr is None or not math.isfinite(lr) or lr < 0:
+            return None
+        if self._lr_peak is None or lr > self._lr_peak:
+            self._lr_peak = lr
+        return lr / self._lr_peak if self._lr_peak > 0 else None
+
+    def target(self, obs: Observation) -> float | None:
+        assert self.bounds is not None, "bind(bounds) first"
+        s = self.schedule_factor(obs)
+        if s is None:
+            return None
+        want = self.bounds.lo / s if s > 0 else math.inf
+        if self.noise_fraction is None:
+            return want
+        lcb = _lower_bound(obs, self.confidence)
+        if lcb is None:
+            return None  # no usable estimate: hold the batch
+        return min(want, self.noise_fraction * lcb)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lr_peak"] = self._lr_peak
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        peak = state.get("lr_peak")
+        if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                                 or not math.isfinite(peak) or peak < 0):
+            raise ValueError(f"policy.lr_peak={peak!r} must be a finite number >= 0 or None")
+        self._lr_peak = None if peak is None else float(peak)
 
 
 class NoisePolicy(Policy):
