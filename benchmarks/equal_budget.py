@@ -72,7 +72,11 @@ HIGH_GROWTH = ("noisefloor", "charlm_long")
 GROWTH_GOAL = 100.0
 SAVING_GOAL = 0.30
 PREDICTED_FRACTION_GOAL = 0.8
-VARIANTS = ("default", "critical", "seesaw", "seesaw_uncapped", "seesaw_adam_plain", "sqrt", "ramp")
+VARIANTS = ("default", "seesaw", "seesaw_uncapped", "seesaw_adam_plain", "default_lr_fixed",
+            "sqrt", "ramp")
+# run unless --variants says otherwise; the others are diagnostics, run by name: SeesawPolicy's
+# cap, Adam's betas/eps transforms, and the default policy without an lr rule
+DEFAULT_VARIANTS = ("default", "seesaw", "sqrt", "ramp")
 CONST_BUDGET = 4  # the constant-lr check runs until its target or this many budgets
 CONST_EXCESS = 0.2  # its target: the noise floor plus this fraction (least-squares tasks)
 
@@ -98,14 +102,16 @@ def make_callback(kind: str, **kw: Any):
 
     Kinds: ``control`` (monitor only at a fixed batch, ``ref_batch_size = b0``, no lr rule:
     only the betas / eps / weight-decay transforms apply), ``default`` (the library default
-    policy and rules), ``sqrt`` (B = sqrt(b0 * B_simple), McCandlish's App. D shape) and
-    ``ramp`` (doubling from b0 to b_max in equal sample intervals over the budget).
+    policy and rules), ``seesaw`` (`SeesawPolicy`: the schedule's lr decay traded for batch
+    growth, capped by B_simple; ``seesaw_uncapped`` without the cap, ``seesaw_adam_plain``
+    without Adam's betas/eps transforms: diagnostics), ``sqrt`` (B = sqrt(b0 * B_simple),
+    McCandlish's App. D shape) and ``ramp`` (doubling from b0 to b_max in equal sample
+    intervals over the budget).
     Keywords: ``b0``, ``b_max``, ``n`` (the sample budget), ``half_life`` (the estimator's,
     for the control only: it is a monitor there; the adaptive runs use the library default).
     """
     from adabatch import AdaptiveBatchSize
-    from adabatch.control.policy import (CriticalBatchPolicy, FixedPolicy, NoisePolicy,
-                                         SeesawPolicy)
+    from adabatch.control.policy import FixedPolicy, NoisePolicy, SeesawPolicy
     from adabatch.control.rules import ScalingRules
 
     b0, b_max, n = kw["b0"], kw["b_max"], kw["n"]
@@ -117,8 +123,6 @@ def make_callback(kind: str, **kw: Any):
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
     if kind == "default":
         return AdaptiveBatchSize(**bounds, **common_kw)
-    if kind == "critical":
-        return AdaptiveBatchSize(policy=CriticalBatchPolicy(), **bounds, **common_kw)
     if kind == "seesaw":
         return AdaptiveBatchSize(policy=SeesawPolicy(), **bounds, **common_kw)
     if kind == "seesaw_uncapped":
@@ -126,6 +130,8 @@ def make_callback(kind: str, **kw: Any):
     if kind == "seesaw_adam_plain":  # Seesaw as published: Adam's betas and eps untouched
         return AdaptiveBatchSize(policy=SeesawPolicy(), rules=ScalingRules(betas=False, eps=False),
                                  **bounds, **common_kw)
+    if kind == "default_lr_fixed":  # the lr stays on the user's schedule as the batch grows
+        return AdaptiveBatchSize(rules=ScalingRules(lr="none"), **bounds, **common_kw)
     if kind == "sqrt":
         return AdaptiveBatchSize(policy=NoisePolicy(scale=math.sqrt(b0), exponent=0.5),
                                  **bounds, **common_kw)
@@ -136,10 +142,10 @@ def make_callback(kind: str, **kw: Any):
 
 VARIANT_LABELS = {
     "default": "library default",
-    "critical": "CriticalBatchPolicy (sqrt law, probe cap)",
     "seesaw": "SeesawPolicy (lr decay -> batch, cap B_simple)",
     "seesaw_uncapped": "SeesawPolicy, no noise cap",
     "seesaw_adam_plain": "SeesawPolicy, Adam betas/eps not scaled",
+    "default_lr_fixed": "library default, no lr rule",
     "sqrt": "sqrt law B = sqrt(B0 B_simple)",
     "ramp": "doubling ramp B0 -> B_max",
 }
@@ -725,9 +731,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     draw(out["fixed"], "o", "0.3", "fixed batch, tuned lr")
     draw(out["control"], "s", "tab:purple", "fixed + kappa transforms (control)")
-    style = {"default": ("*", "tab:red"), "critical": ("P", "tab:orange"),
-             "seesaw": ("X", "tab:brown"), "seesaw_uncapped": ("x", "tab:pink"),
-             "seesaw_adam_plain": ("v", "tab:olive"), "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
+    style = {"default": ("*", "tab:red"), "seesaw": ("X", "tab:brown"),
+             "seesaw_uncapped": ("x", "tab:pink"), "seesaw_adam_plain": ("v", "tab:olive"),
+             "default_lr_fixed": ("p", "tab:cyan"),
+             "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
     for p in out["adaptive"]:
         m, c = style[p.kind]
         draw([p], m, c, p.label, line=False)
@@ -848,6 +855,7 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         lines += [f"- {n}" for n in task.notes]
         lines.append("- schedule check: largest |lr/lr0 - warmup_cosine(samples before the step)|"
                      f" over every step of every run: {fmt(out['schedule_error'], '.2g')}")
+        lines.append(lr_scaling_line(out["best_lr"]))
         if task.name in figures:
             lines.append(f"- figure: `{_rel(figures[task.name])}`")
         measured = out["raw"].get("measured")
@@ -917,6 +925,23 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
     return "\n".join(lines)
 
 
+def lr_scaling_line(best_lr: dict[int, float]) -> str:
+    """How the tuned lr grows with the batch: the least-squares slope of log lr on log B over
+    the fixed batches. About 1 (SGD) or 0.5 (Adam) where the gradient noise sets the lr (a
+    larger batch buys a larger lr: room to trade samples for steps); about 0 where the
+    curvature does (a larger batch only takes fewer steps of the same size)."""
+    bs = sorted(best_lr)
+    if len(bs) < 2:
+        return "- tuned lr vs batch: one batch only"
+    xs, ys = [math.log(b) for b in bs], [math.log(best_lr[b]) for b in bs]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    ratios = ", ".join(f"{b}: {best_lr[b] / best_lr[bs[0]]:.3g}" for b in bs)
+    return (f"- tuned lr vs batch: slope d log lr / d log B = {slope:.2f} over B = {bs[0]}.."
+            f"{bs[-1]} (lr / lr(B={bs[0]}): {ratios}); ~1 (SGD) or ~0.5 (Adam): noise-limited, "
+            "~0: curvature-limited (a larger batch cannot take a larger step)")
+
+
 def _commit() -> str:
     """The checkout's short commit, ``+dirty`` when src/ has uncommitted changes."""
     import subprocess
@@ -972,7 +997,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = [1] if args.quick else [1, 2, 3]
     if args.variants is None:
-        args.variants = ["default", "ramp"] if args.quick else list(VARIANTS)
+        args.variants = ["default", "ramp"] if args.quick else list(DEFAULT_VARIANTS)
     if not args.quick:
         args.data = args.data or DATA_DIR
         args.results = args.results or common.DEFAULT_RESULTS

@@ -38,6 +38,10 @@ SHORT_WINDOW = "tests/test_callback.py::test_a_short_last_accumulation_window_is
 ORACLE = "tests/test_branch.py::test_the_probe_reports_the_closed_form_critical_batch"
 ORACLE_DDP = "tests/test_branch.py::test_two_ranks_report_the_closed_form_critical_batch"
 RULES = "tests/control/test_rules.py"
+POLICY = "tests/control/test_policy.py"
+SEESAW_E2E = ("tests/test_callback.py::"
+              "test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr")
+SEESAW_RESUME = "tests/test_callback.py::test_seesaw_resume_keeps_the_schedules_peak"
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "src/adabatch/branch.py",
            'p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")',
            'p.grad = trainer.strategy.reduce(p.grad, reduce_op="sum")', (ORACLE_DDP,), ddp=True),
+    Mutant("seesaw_initial_lr", "SeesawPolicy relative to the first lr, not its peak so far",
+           "src/adabatch/control/policy.py",
+           "if self._lr_peak is None or lr > self._lr_peak:", "if self._lr_peak is None:",
+           (POLICY,)),
+    Mutant("seesaw_sqrt_trade", "SeesawPolicy grows the batch by 1/sqrt(s), not 1/s",
+           "src/adabatch/control/policy.py",
+           "want = self.bounds.lo / s if s > 0 else math.inf",
+           "want = self.bounds.lo / math.sqrt(s) if s > 0 else math.inf", (POLICY, SEESAW_E2E)),
+    Mutant("seesaw_peak_not_saved", "SeesawPolicy's lr peak left out of the checkpoint",
+           "src/adabatch/control/policy.py",
+           'state["lr_peak"] = self._lr_peak', 'state["lr_peak"] = None', (SEESAW_RESUME,)),
+    Mutant("schedule_not_observed", "the callback does not hand the lr schedule to the policy",
+           "src/adabatch/callback.py",
+           "lr_factor=float(lr) / self._lr0 if self._lr0 else None,", "lr_factor=None,",
+           (SEESAW_E2E,)),
     Mutant("mb_count_per_rank", "micro-batch count checked against one rank's batches",
            "src/adabatch/noise/step_stats.py",
            "expected = batches", "expected = batches / world_size", (E2E, DDP), ddp=True),

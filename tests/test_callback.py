@@ -603,3 +603,44 @@ def test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr(
             assert r["lr"] == pytest.approx(lr_after)
         else:
             assert 0.005 < r["lr"] <= 0.02 + 1e-12
+
+
+def test_seesaw_resume_keeps_the_schedules_peak(tmp_path):
+    """SeesawPolicy's batch is relative to the lr's peak so far; a resumed run must read the
+    peak from the checkpoint (from the lr at the resume the batch would stop growing)."""
+    from adabatch.control.policy import SeesawPolicy
+
+    class WarmupDecay(LeastSquaresModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.02)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: (i + 1) / 5 if i < 5 else max(0.1, 1 - (i - 5) / 30))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def run(name, ckpt_path=None, save_every=None):
+        seed_everything(0)
+        model = WarmupDecay(dim=8, init_scale=1.0)
+        data = SamplerData(dim=8, batch_size=4, num_samples=8192)
+        cb = AdaptiveBatchSize(noise="per_example", resize="sampler", ref_batch_size=4,
+                               policy=SeesawPolicy(noise_fraction=None, hysteresis=0.0),
+                               rules=ScalingRules(lr="kappa"), min_batch_size=4,
+                               max_batch_size=64)
+        rec = StepRecorder()
+        callbacks = [cb, rec]
+        if save_every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / name, filename="{step}",
+                                             every_n_train_steps=save_every, save_top_k=-1))
+        trainer(tmp_path / name, callbacks, max_steps=40,
+                enable_checkpointing=bool(save_every)).fit(model, data, ckpt_path=ckpt_path)
+        return model, cb, rec
+
+    full_model, full_cb, full_rec = run("full")
+    assert len(full_cb.history) >= 4, "the test needs several batch-size changes"
+    assert full_cb.history[0]["step"] > 5, "a warm-up is not traded"
+    run("a", save_every=5)
+    for step in (15, 25):
+        model, cb, rec = run(f"b{step}", ckpt_path=str(tmp_path / "a" / f"step={step}.ckpt"))
+        assert cb.history == full_cb.history
+        assert [r["batch"] for r in rec.rows] == [r["batch"] for r in full_rec.rows[step:]]
+        assert [r["lr"] for r in rec.rows] == [r["lr"] for r in full_rec.rows[step:]]
+        torch.testing.assert_close(model.linear.weight, full_model.linear.weight, rtol=0, atol=0)
