@@ -152,6 +152,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "src/adabatch/control/policy.py",
            "want = self.bounds.lo / s if s > 0 else math.inf",
            "want = self.bounds.lo / math.sqrt(s) if s > 0 else math.inf", (POLICY, SEESAW_E2E)),
+    Mutant("seesaw_peak_only_in_target", "SeesawPolicy's peak missed on steps the discipline "
+           "holds", "src/adabatch/control/policy.py",
+           "        self.schedule_factor(obs)\n        return super().decide(obs, current)",
+           "        return super().decide(obs, current)", (POLICY,)),
     Mutant("seesaw_peak_not_saved", "SeesawPolicy's lr peak left out of the checkpoint",
            "src/adabatch/control/policy.py",
            'state["lr_peak"] = self._lr_peak', 'state["lr_peak"] = None', (SEESAW_RESUME,)),

@@ -568,12 +568,15 @@ def test_the_default_half_life_follows_a_growing_noise_scale(tmp_path):
     assert fixed < exact / 3, (fixed, exact)
 
 
-@pytest.mark.parametrize(("rule", "lr_after"), [("kappa", 0.02), ("auto", None)])
+@pytest.mark.parametrize(("rule", "lr_after", "resize"),
+                         [("kappa", 0.02, "sampler"), ("auto", None, "sampler"),
+                          ("kappa", 0.02, "accumulate")])
 def test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr(
-        tmp_path, rule, lr_after):
+        tmp_path, rule, lr_after, resize):
     """Smith et al.'s trade through the callback: the schedule drops the lr to a quarter at
-    step 20; SeesawPolicy makes the batch 4 x 8 = 32 and SGD's linear rule puts the lr the
-    optimizer uses back at its peak (the AdaScale gain, the default, at most there)."""
+    step 20; SeesawPolicy makes the batch 4 x 8 = 32 (a larger micro-batch, or 4 micro-batches
+    accumulated) and SGD's linear rule puts the lr the optimizer uses back at its peak (the
+    AdaScale gain, the default, at most there)."""
     from adabatch.control.policy import SeesawPolicy
 
     class StepDrop(LeastSquaresModel):
@@ -585,7 +588,7 @@ def test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr(
     seed_everything(0)
     model = StepDrop(dim=8, init_scale=1.0)
     data = SamplerData(dim=8, batch_size=8, num_samples=4096)
-    cb = AdaptiveBatchSize(noise="per_example", resize="sampler", ref_batch_size=8,
+    cb = AdaptiveBatchSize(noise="per_example", resize=resize, ref_batch_size=8,
                            policy=SeesawPolicy(noise_fraction=None, hysteresis=0.0),
                            rules=ScalingRules(lr=rule), min_batch_size=8, max_batch_size=64)
     rec = StepRecorder()

@@ -262,6 +262,14 @@ def test_seesaw_through_the_discipline_never_decreases_and_state_roundtrips():
         q.load_state_dict({**q.state_dict(), "lr_peak": -1})
 
 
+def test_seesaw_tracks_the_peak_while_the_discipline_holds():
+    """The policy's own warm-up skips target(); the lr's peak passed meanwhile still counts."""
+    p = bound(SeesawPolicy(noise_fraction=None, hysteresis=0.0, warmup_samples=1000), 16,
+              4096, 16)
+    assert p.decide(sobs(1.0, samples=100), 16) == 16  # held by the warm-up
+    assert p.decide(sobs(0.5, samples=2000), 16) == 32  # half of the peak seen at 100
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"noise_fraction": 0.0}, "noise_fraction=0.0"), ({"confidence": -1}, "confidence=-1"),

@@ -663,10 +663,8 @@ class SeesawPolicy(Policy):
         **discipline: Any,
     ) -> None:
         super().__init__(**discipline)
-        self.noise_fraction = (
-            None if noise_fraction is None
-            else check.number("noise_fraction", noise_fraction, 0.0, strict=True)
-        )
+        self.noise_fraction = check.number("noise_fraction", noise_fraction, 0.0, strict=True,
+                                           optional=True)
         self.confidence = check.number("confidence", confidence, 0.0)
         self._lr_peak: float | None = None
 
@@ -674,8 +672,15 @@ class SeesawPolicy(Policy):
         super().bind(bounds)
         self._lr_peak = None
 
+    def decide(self, obs: Observation, current: int) -> int:
+        # The peak follows every step, also those on which the discipline does not consult
+        # target() (the policy's warm-up, a spike revert): a peak passed then would be missed.
+        self.schedule_factor(obs)
+        return super().decide(obs, current)
+
     def schedule_factor(self, obs: Observation) -> float | None:
-        """``s``: the schedule's lr relative to its peak so far (``None``: unknown)."""
+        """``s``: the schedule's lr relative to its peak so far (``None``: unknown); the
+        peak is updated with ``obs`` (idempotent: the same observation twice is harmless)."""
         lr = obs.lr_factor
         if lr is None or not math.isfinite(lr) or lr < 0:
             return None
@@ -703,11 +708,8 @@ class SeesawPolicy(Policy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        peak = state.get("lr_peak")
-        if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
-                                 or not math.isfinite(peak) or peak < 0):
-            raise ValueError(f"policy.lr_peak={peak!r} must be a finite number >= 0 or None")
-        self._lr_peak = None if peak is None else float(peak)
+        self._lr_peak = check.number("policy.lr_peak", state.get("lr_peak"), 0.0,
+                                     optional=True)
 
 
 class NoisePolicy(Policy):
