@@ -63,7 +63,7 @@ import common  # noqa: E402
 from common import Progress, fmt, median_range, predicted_saving, trajectory_model  # noqa: E402
 
 SECTION = "equal_budget"
-TASKS = ("synthetic", "noisefloor", "digits", "charlm", "charlm_long")
+TASKS = ("synthetic", "noisefloor", "digits", "digits_long", "charlm", "charlm_long")
 WARMUP = 0.05  # warm-up fraction of the sample budget
 DATA_DIR = common.BENCH_DIR / "data"
 # the tasks built as high-growth candidates: their goals are always reported; those of any
@@ -72,11 +72,11 @@ HIGH_GROWTH = ("noisefloor", "charlm_long")
 GROWTH_GOAL = 100.0
 SAVING_GOAL = 0.30
 PREDICTED_FRACTION_GOAL = 0.8
-VARIANTS = ("default", "seesaw", "seesaw_uncapped", "seesaw_adam_plain", "default_lr_fixed",
-            "sqrt", "ramp")
+VARIANTS = ("default", "default_tuned", "seesaw", "seesaw_uncapped", "seesaw_adam_plain",
+            "default_lr_fixed", "sqrt", "ramp")
 # run unless --variants says otherwise; the others are diagnostics, run by name: SeesawPolicy's
 # cap, Adam's betas/eps transforms, and the default policy without an lr rule
-DEFAULT_VARIANTS = ("default", "seesaw", "sqrt", "ramp")
+DEFAULT_VARIANTS = ("default", "default_tuned", "seesaw", "sqrt", "ramp")
 CONST_BUDGET = 4  # the constant-lr check runs until its target or this many budgets
 CONST_EXCESS = 0.2  # its target: the noise floor plus this fraction (least-squares tasks)
 
@@ -121,7 +121,7 @@ def make_callback(kind: str, **kw: Any):
         return AdaptiveBatchSize(policy=FixedPolicy(), rules=ScalingRules(lr="none"),
                                  half_life_samples=kw["half_life"], **common_kw)
     bounds = dict(min_batch_size=b0, max_batch_size=b_max)
-    if kind == "default":
+    if kind in ("default", "default_tuned"):  # default_tuned: the benchmark tunes its lr
         return AdaptiveBatchSize(**bounds, **common_kw)
     if kind == "seesaw":
         return AdaptiveBatchSize(policy=SeesawPolicy(), **bounds, **common_kw)
@@ -142,6 +142,7 @@ def make_callback(kind: str, **kw: Any):
 
 VARIANT_LABELS = {
     "default": "library default",
+    "default_tuned": "library default, its own lr tuned",
     "seesaw": "SeesawPolicy (lr decay -> batch, cap B_simple)",
     "seesaw_uncapped": "SeesawPolicy, no noise cap",
     "seesaw_adam_plain": "SeesawPolicy, Adam betas/eps not scaled",
@@ -253,10 +254,9 @@ def schedule_error(run: dict[str, Any], budget: int) -> float:
 
 
 def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: int,
-                   batches: list[int]) -> Task:
+                   batches: list[int], cond: float = 10.0) -> Task:
     from adabatch.tasks.synthetic import LeastSquaresModel, LeastSquaresProblem
 
-    cond = 10.0
     problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=cond, seed=0)
     lam_max = float(problem.spectrum.max())
     floor = 0.5 * noise_std**2
@@ -312,16 +312,17 @@ def noisefloor_task(quick: bool) -> Task:
                           [16, 32, 64, 128, 256, 512, 1024])
 
 
-def digits_task(quick: bool) -> Task:
+def digits_task(quick: bool, name: str = "digits", budget: int = 12_288,
+                train_loss: bool = False) -> Task:
     from adabatch.tasks.digits import DigitsCNN, DigitsData
 
     data = DigitsData(batch_size=8)
     data.setup("fit")
     train = common.BatchedTensorDataset(*data.train_set.tensors)
     val_x, val_y = data.val_set.tensors
-    budget = 2048 if quick else 12_288
+    budget = 2048 if quick else budget
     task = Task(
-        name="digits", budget=budget, batches=[16, 32] if quick else [16, 32, 64, 128, 256, 512],
+        name=name, budget=budget, batches=[16, 32] if quick else [16, 32, 64, 128, 256, 512],
         optimizer="sgd", lr_center=lambda b: min(0.05 * b / 16, 0.2), half_life=budget / 16,
         loss_text=f"validation cross-entropy ({len(val_y)} held-out digits)",
         notes=[f"CNN channels (8, 16), hidden 32, on {len(train)} scikit-learn digits "
@@ -331,7 +332,12 @@ def digits_task(quick: bool) -> Task:
     task.make_model = lambda lr: model_cls(channels=(8, 16), hidden=32, lr=lr, optimizer="sgd",
                                            momentum=0.9)
     task.make_dataset = lambda seed: train
-    task.eval_fn = lambda m: float(m.loss((val_x, val_y)))
+    if train_loss:
+        tx, ty = data.train_set.tensors
+        task.eval_fn = lambda m: float(m.loss((tx, ty)))
+        task.loss_text = f"training cross-entropy ({len(ty)} digits, the full training set)"
+    else:
+        task.eval_fn = lambda m: float(m.loss((val_x, val_y)))
     return task
 
 
@@ -366,8 +372,17 @@ def charlm_long_task(quick: bool) -> Task:
     return charlm_task(quick, "charlm_long", 32_768, (8, 16, 32, 64, 128))
 
 
+def digits_long_task(quick: bool) -> Task:
+    """The digits CNN on 4x the samples (34 epochs), judged by its loss on the whole training
+    set: an exact full-dataset statistic, without the held-out set's seed spread, for a run
+    long enough to fit the data."""
+    return digits_task(quick, "digits_long", 49_152, train_loss=True)
+
+
 BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits": digits_task,
-            "charlm": charlm_task, "charlm_long": charlm_long_task}
+            "digits_long": digits_long_task, "charlm": charlm_task,
+            "charlm_long": charlm_long_task}
+
 
 
 @cache
@@ -474,27 +489,39 @@ def run_all(jobs: list[Job], n_jobs: int, log: Callable[[str], None]) -> list[di
 
 
 # ============================================================================ protocol
+def tune_lrs(task: Task, quick: bool, keys: list[tuple[str, int]],
+             center: Callable[[tuple[str, int]], float], tune_seed: int, n_jobs: int,
+             log: Callable[[str], None]) -> dict[tuple[str, int], dict[float, dict[str, Any]]]:
+    """The lr grid of each ``(kind, batch)`` on the tuning seed: ``x0.5, x1, x2`` around its
+    centre, extended by one more factor of 2 while the best is at an edge (twice at most;
+    quick: no extension). Returns every run, by key and lr."""
+    tried: dict[tuple[str, int], dict[float, dict[str, Any]]] = {k: {} for k in keys}
+    factors = {k: [0.5, 1.0, 2.0] for k in keys}
+    for _round in range(1 if quick else 3):
+        jobs = [Job(task.name, quick, k[0], tune_seed, center(k) * f, k[1])
+                for k in keys for f in factors[k] if center(k) * f not in tried[k]]
+        for r in run_all(jobs, n_jobs, log):
+            tried[(r["kind"], r["batch"])][r["lr"]] = r
+        factors = {}
+        for k in keys:  # extend the grid while the best lr is at its edge
+            lrs = sorted(tried[k])
+            best = min(lrs, key=lambda lr: tried[k][lr]["final_loss"])
+            if best == lrs[0]:
+                factors[k] = [best / 2 / center(k)]
+            elif best == lrs[-1] and math.isfinite(tried[k][best]["final_loss"]):
+                factors[k] = [best * 2 / center(k)]
+        if not factors:
+            break
+        factors = {k: factors.get(k, []) for k in keys}
+    return tried
+
+
 def tune_and_run_fixed(task: Task, quick: bool, tune_seed: int, seeds: list[int], n_jobs: int,
                        log: Callable[[str], None]) -> dict[str, Any]:
     """The lr grid on the tuning seed, then fixed and control runs on ``seeds``."""
-    tried: dict[int, dict[float, dict[str, Any]]] = {b: {} for b in task.batches}
-    factors = {b: [0.5, 1.0, 2.0] for b in task.batches}
-    for _round in range(1 if quick else 3):  # quick: no grid extension
-        jobs = [Job(task.name, quick, "fixed", tune_seed, task.lr_center(b) * f, b)
-                for b in task.batches for f in factors[b] if task.lr_center(b) * f not in tried[b]]
-        for r in run_all(jobs, n_jobs, log):
-            tried[r["batch"]][r["lr"]] = r
-        factors = {}
-        for b in task.batches:  # extend the grid while the best lr is at its edge
-            lrs = sorted(tried[b])
-            best = min(lrs, key=lambda lr: tried[b][lr]["final_loss"])
-            if best == lrs[0]:
-                factors[b] = [best / 2 / task.lr_center(b)]
-            elif best == lrs[-1] and math.isfinite(tried[b][best]["final_loss"]):
-                factors[b] = [best * 2 / task.lr_center(b)]
-        if not factors:
-            break
-        factors = {b: factors.get(b, []) for b in task.batches}
+    tried = tune_lrs(task, quick, [("fixed", b) for b in task.batches],
+                     lambda key: task.lr_center(key[1]), tune_seed, n_jobs, log)
+    tried = {b: tried[("fixed", b)] for b in task.batches}
     best_lr = {b: min(tried[b], key=lambda lr: tried[b][lr]["final_loss"]) for b in task.batches}
     kinds = ["fixed"] + (["control"] if task.control else [])
     jobs = [Job(task.name, quick, k, s, best_lr[b], b) for k in kinds for s in seeds
@@ -516,17 +543,53 @@ def run_constant_fixed(task: Task, quick: bool, fixed: dict[str, Any], n_jobs: i
                    n_jobs, log)
 
 
+def extend_seeds(task: Task, quick: bool, fixed: dict[str, Any], seeds: list[int], n_jobs: int,
+                 log: Callable[[str], None], argv: list[str] | None = None) -> dict[str, Any]:
+    """``fixed`` with the fixed (and control) runs, and the constant-lr check's, of ``seeds``
+    added at the cached tuned lrs (no new tuning)."""
+    kinds = ["fixed"] + (["control"] if task.control else [])
+    lr = {int(b): v for b, v in fixed["best_lr"].items()}
+    out = {**fixed, "seeds": sorted(set(fixed["seeds"]) | set(seeds)),
+           "more_seeds": fixed.get("more_seeds", []) + [{
+               "seeds": seeds, "date": common.now(), "device": common.device_line(),
+               "command": common.command_line("equal_budget.py", argv)}]}
+    out["runs"] = fixed["runs"] + run_all([Job(task.name, quick, k, s, lr[b], b) for k in kinds
+                                           for s in seeds for b in task.batches], n_jobs, log)
+    if "constant" in fixed:
+        out["constant"] = fixed["constant"] + run_constant_fixed(task, quick, {**fixed,
+                                                                               "seeds": seeds},
+                                                                 n_jobs, log)
+    return out
+
+
+def select_seeds(fixed: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """``fixed`` restricted to the evaluation ``seeds`` (the cache may hold more)."""
+    keep = set(seeds)
+    out = {**fixed, "seeds": [s for s in fixed["seeds"] if s in keep]}
+    out["runs"] = [r for r in fixed["runs"] if r["seed"] in keep]
+    if "constant" in fixed:
+        out["constant"] = [r for r in fixed["constant"] if r["seed"] in keep]
+    return out
+
+
 def run_adaptive(task: Task, quick: bool, fixed: dict[str, Any], seeds: list[int],
                  variants: list[str], n_jobs: int, log: Callable[[str], None]) -> list[dict]:
     """The adaptive variants from B0 at B0's tuned lr; with a constant-lr check, also the
     default policy at that lr held constant (those runs have a ``target``)."""
     b0 = task.batches[0]
     lr0 = fixed["best_lr"][str(b0)]
-    jobs = [Job(task.name, quick, v, s, lr0, b0) for v in variants for s in seeds]
+    lr = {v: lr0 for v in variants}
+    tuning: list[dict[str, Any]] = []
+    if "default_tuned" in variants:  # its own lr grid around B0's, like a fixed batch's
+        tried = tune_lrs(task, quick, [("default_tuned", b0)], lambda key: lr0,
+                         fixed["tune_seed"], n_jobs, log)[("default_tuned", b0)]
+        lr["default_tuned"] = min(tried, key=lambda v: tried[v]["final_loss"])
+        tuning = [{**r, "tuning": True} for r in tried.values()]
+    jobs = [Job(task.name, quick, v, s, lr[v], b0) for v in variants for s in seeds]
     if task.const_target is not None and "default" in variants:
         jobs += [Job(task.name, quick, "default", s, lr0, b0, target=task.const_target)
                  for s in seeds]
-    return run_all(jobs, n_jobs, log)
+    return tuning + run_all(jobs, n_jobs, log)
 
 
 def config_key(task: Task) -> str:
@@ -629,7 +692,8 @@ def model_prediction(point: Point, budget: int, key: str = "measured") -> dict[s
 def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -> dict[str, Any]:
     best_lr = {int(b): lr for b, lr in fixed["best_lr"].items()}
     const_runs = [r for r in adaptive if r.get("target") is not None]
-    adaptive = [r for r in adaptive if r.get("target") is None]
+    adaptive_tuning = [r for r in adaptive if r.get("tuning")]
+    adaptive = [r for r in adaptive if r.get("target") is None and not r.get("tuning")]
     adaptive_pts = group_variants(adaptive)
 
     def group(kind: str, runs: list[dict[str, Any]], key: str, label: Callable[[Any], str]):
@@ -649,7 +713,7 @@ def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -
     fixed_growth = {p.batch: model_prediction(p, task.budget, "exact_gns")["growth"]
                     for p in fixed_pts}
     control_growth = {p.batch: model_prediction(p, task.budget)["growth"] for p in control_pts}
-    all_runs = fixed["tuning"] + fixed["runs"] + adaptive
+    all_runs = fixed["tuning"] + fixed["runs"] + adaptive + adaptive_tuning
     sched_err = max((schedule_error(r, task.budget) for r in all_runs if r.get("lr_trace")),
                     default=math.nan)
     budget_range = (min(r["samples"] for r in all_runs), max(r["samples"] for r in all_runs))
@@ -657,6 +721,7 @@ def analyze(task: Task, fixed: dict[str, Any], adaptive: list[dict[str, Any]]) -
                 schedule_error=sched_err, budget_range=budget_range,
                 adaptive=adaptive_pts, comparisons=comparisons, models=models, exact=exact,
                 fixed_growth=fixed_growth, control_growth=control_growth, raw=fixed,
+                adaptive_tuning=adaptive_tuning,
                 constant=constant_check(task, fixed.get("constant", []), const_runs))
 
 
@@ -733,7 +798,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     draw(out["control"], "s", "tab:purple", "fixed + kappa transforms (control)")
     style = {"default": ("*", "tab:red"), "seesaw": ("X", "tab:brown"),
              "seesaw_uncapped": ("x", "tab:pink"), "seesaw_adam_plain": ("v", "tab:olive"),
-             "default_lr_fixed": ("p", "tab:cyan"),
+             "default_lr_fixed": ("p", "tab:cyan"), "default_tuned": ("*", "tab:brown"),
              "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
     for p in out["adaptive"]:
         m, c = style[p.kind]
@@ -862,6 +927,9 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
         if args.reuse_fixed and measured:
             lines.append(f"- fixed and control runs reused from `{measured['command']}` of "
                          f"{measured['date']} on {measured['device']}")
+            for more in out["raw"].get("more_seeds", []):
+                lines.append(f"- seeds {more['seeds']} of the fixed and control runs added by "
+                             f"`{more['command']}` of {more['date']} on {more['device']}")
         ameasured = out.get("adaptive_measured")
         if ameasured:
             lines.append(f"- adaptive runs reused from `{ameasured['command']}` of "
@@ -901,6 +969,12 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
              "loss - best fixed's, per seed",
              "B_simple first -> last tenth", "gamma", "predicted saving", "wall s",
              "probe overhead"], rows))
+        if out["adaptive_tuning"]:
+            grid = sorted(out["adaptive_tuning"], key=lambda r: r["lr"])
+            lines += ["", f"- {VARIANT_LABELS['default_tuned']}: its lr grid on seed "
+                      f"{out['raw']['tune_seed']} (lr at B0: final loss): " + ", ".join(
+                          f"{fmt(r['lr'], '.3g')}: {fmt(r['final_loss'], '.5g', 'diverged')}"
+                          for r in grid)]
         c = out["constant"]
         if c is not None:
             lines += ["", f"Constant lr (each batch at its tuned lr, held constant), steps to "
@@ -1030,9 +1104,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise SystemExit(f"{path} was measured with another task configuration; "
                                  "rerun without --reuse-fixed")
             fixed = saved["fixed"]
+            missing = [s for s in args.seeds if s not in fixed["seeds"]]
+            if missing:  # more evaluation seeds: the tuned lrs, the new seeds' runs only
+                log(f"== {name}: fixed runs of seeds {missing} at the tuned lrs")
+                fixed = extend_seeds(task, args.quick, fixed, missing, args.jobs, log, argv)
             if task.const_target is not None and "constant" not in fixed:
                 fixed["constant"] = run_constant_fixed(task, args.quick, fixed, args.jobs, log)
+            if missing or "constant" not in saved["fixed"]:
                 path.write_text(json.dumps({"key": config_key(task), "fixed": fixed}, indent=1))
+            fixed = select_seeds(fixed, args.seeds)
         else:
             log(f"== {name}: fixed batches {task.batches}, N = {task.budget}")
             fixed = tune_and_run_fixed(task, args.quick, args.tune_seed, args.seeds, args.jobs,

@@ -196,6 +196,20 @@ def test_equal_budget_quick(results, tmp_path):
     (again,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
     assert again["raw"] == json.loads(json.dumps(out["raw"]))
     assert [p.kind for p in again["adaptive"]] == ["default"]
+    # another evaluation seed: its fixed runs at the cached tuned lrs, no new tuning; the
+    # cache keeps both seeds and a later run on seed 1 alone reads seed 1's runs only
+    (more,) = eb.main(argv + ["--reuse-fixed", "--variants", "default", "--seeds", "1", "2"])
+    raw = json.loads(json.dumps(out["raw"]))
+    assert more["raw"]["tuning"] == raw["tuning"] and more["raw"]["best_lr"] == raw["best_lr"]
+    added = [r for r in more["raw"]["runs"] if r["seed"] == 2]
+    assert sorted((r["batch"], r["lr"]) for r in added) == sorted(
+        (b, raw["best_lr"][str(b)]) for b in task.batches)
+    assert {r["seed"] for p in more["adaptive"] for r in p.runs} == {1, 2}
+    cached = json.loads((tmp_path / "data" / f"equal_budget_{task.name}.json").read_text())
+    assert cached["fixed"]["seeds"] == [1, 2]
+    assert [m["seeds"] for m in cached["fixed"]["more_seeds"]] == [[2]]  # provenance
+    (back,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
+    assert back["raw"]["runs"] == raw["runs"] and back["raw"]["seeds"] == [1]
 
 
 def test_doubling_ramp_spends_equal_samples_per_size():
