@@ -63,12 +63,12 @@ import common  # noqa: E402
 from common import Progress, fmt, median_range, predicted_saving, trajectory_model  # noqa: E402
 
 SECTION = "equal_budget"
-TASKS = ("synthetic", "noisefloor", "digits", "digits_long", "charlm", "charlm_long")
+TASKS = ("synthetic", "noisefloor", "digits", "digits_long", "charlm", "charlm_long", "teacher")
 WARMUP = 0.05  # warm-up fraction of the sample budget
 DATA_DIR = common.BENCH_DIR / "data"
 # the tasks built as high-growth candidates: their goals are always reported; those of any
 # other task too when its measured noise scale grows >= GROWTH_GOAL x (the precondition)
-HIGH_GROWTH = ("noisefloor", "charlm_long")
+HIGH_GROWTH = ("noisefloor", "charlm_long", "teacher")
 GROWTH_GOAL = 100.0
 SAVING_GOAL = 0.30
 PREDICTED_FRACTION_GOAL = 0.8
@@ -372,6 +372,76 @@ def charlm_long_task(quick: bool) -> Task:
     return charlm_task(quick, "charlm_long", 32_768, (8, 16, 32, 64, 128))
 
 
+def _teacher_student_classes():
+    from torch import nn
+    from torch.nn import functional as F
+
+    from adabatch.tasks.common import TaskModule
+
+    class Student(TaskModule):
+        """A one-hidden-layer tanh MLP classifier (the student)."""
+
+        def __init__(self, dim: int, hidden: int, classes: int, lr: float,
+                     momentum: float = 0.9) -> None:
+            super().__init__(lr=lr, optimizer="sgd", momentum=momentum, weight_decay=0.0,
+                             betas=(0.9, 0.999))
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, classes))
+
+        def loss(self, batch):  # noqa: ANN001, ANN201
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    return Student
+
+
+def teacher_student_task(quick: bool, name: str = "teacher", budget: int = 524_288,
+                         dim: int = 16, hidden: int = 64, classes: int = 10,
+                         scale: float = 3.0) -> Task:
+    """Fresh Gaussian inputs labelled by sampling a fixed random teacher MLP's softmax: the
+    loss has a floor (the teacher's entropy) and the student, larger than the teacher, can
+    reach it, so the gradient vanishes while the label noise stays."""
+    g = torch.Generator().manual_seed(0)
+    t_hidden = hidden // 2
+    w1 = torch.randn(dim, t_hidden, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(t_hidden, classes, generator=g) * scale / math.sqrt(t_hidden)
+
+    def teacher_logp(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(torch.tanh(x @ w1) @ w2, dim=-1)
+
+    eval_x = torch.randn(8192, dim, generator=g)
+    eval_logp = teacher_logp(eval_x)
+    entropy = float(-(eval_logp.exp() * eval_logp).sum(-1).mean())
+    budget = 2048 if quick else budget
+    batches = [16, 32] if quick else [128, 256, 512, 1024, 2048, 4096, 8192]
+    task = Task(
+        name=name, budget=budget, batches=batches, optimizer="sgd",
+        lr_center=lambda b: min(0.05 * b / 16, 4.0), half_life=budget / 16,
+        loss_text="KL(teacher || student) on 8192 fixed inputs (nats)",
+        notes=[f"teacher-student: x ~ N(0, I_{dim}), y ~ softmax(teacher), teacher tanh MLP "
+               f"{dim}-{t_hidden}-{classes} (logit scale {scale:g}, entropy {entropy:.3f} "
+               f"nats), student tanh MLP {dim}-{hidden}-{classes}; fresh examples; SGD "
+               "momentum 0.9"],
+    )
+    model_cls = scheduled(_teacher_student_classes())
+    task.make_model = lambda lr: model_cls(dim=dim, hidden=hidden, classes=classes, lr=lr)
+
+    def make_dataset(seed: int, const: bool = False):
+        gs = torch.Generator().manual_seed(2000 + seed)
+        n = (CONST_BUDGET if const else 1) * budget + max(batches)
+        x = torch.randn(n, dim, generator=gs)
+        y = torch.multinomial(teacher_logp(x).exp(), 1, generator=gs).squeeze(-1)
+        return common.BatchedTensorDataset(x, y)
+
+    def kl(m) -> float:
+        with torch.no_grad():
+            logq = torch.log_softmax(m.net(eval_x), dim=-1)
+        return float((eval_logp.exp() * (eval_logp - logq)).sum(-1).mean())
+
+    task.make_dataset, task.eval_fn = make_dataset, kl
+    return task
+
+
 def digits_long_task(quick: bool) -> Task:
     """The digits CNN on 4x the samples (34 epochs), judged by its loss on the whole training
     set: an exact full-dataset statistic, without the held-out set's seed spread, for a run
@@ -381,7 +451,7 @@ def digits_long_task(quick: bool) -> Task:
 
 BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits": digits_task,
             "digits_long": digits_long_task, "charlm": charlm_task,
-            "charlm_long": charlm_long_task}
+            "charlm_long": charlm_long_task, "teacher": teacher_student_task}
 
 
 
