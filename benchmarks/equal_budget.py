@@ -17,9 +17,16 @@ Per task:
    eps / weight-decay transforms of kappa = B/B0 apply exactly as in an adaptive run. Only
    where a transform exists (Adam-family optimizers); with SGD (no momentum rule) the control
    is the fixed run itself. It also measures B_simple along fixed runs.
-3. *Adaptive*: the library default, and as variants a sqrt-law noise policy and a doubling
-   ramp, from B0 with B0's tuned learning rate, ``ref_batch_size=B0``, ``max_batch_size`` =
-   the largest fixed batch, the library's default scaling rules; on the evaluation seeds.
+3. *Adaptive*: the library default, and as variants `SeesawPolicy`, a sqrt-law noise policy
+   and a doubling ramp, from B0 with B0's tuned learning rate, ``ref_batch_size=B0``,
+   ``max_batch_size`` = the largest fixed batch, the library's default scaling rules; on the
+   evaluation seeds. ``default_tuned`` is the default with its own lr grid around B0's (as a
+   fixed batch's, on the tuning seed): whether the lr inherited from B0 holds it back.
+
+Tasks: least squares (``synthetic``; ``noisefloor``, run to its noise floor), the digits CNN
+(``digits``: validation loss; ``digits_long``: 4x the samples, loss on the training set), the
+char-LM (``charlm``; ``charlm_long``, 8/3 the samples) and a teacher-student MLP on fresh data
+(``teacher``). More evaluation seeds than a cache holds are added at its tuned lrs.
 
 Reported per task: the fixed frontier (B, lr, final loss median [min, max], steps); for each
 adaptive variant its steps and loss, the step saving against the best-loss fixed batch when
@@ -1119,7 +1126,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="tiny noise-floor task, one seed, two variants (seconds)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="evaluation seeds (default 1 2 3; --quick: 1)")
+                    help="evaluation seeds (default 1 2 3 4 5; --quick: 1)")
     ap.add_argument("--tune-seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="parallel runs (processes)")
@@ -1139,7 +1146,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.tasks is None:
         args.tasks = [HIGH_GROWTH[0]] if args.quick else list(TASKS)
     if args.seeds is None:
-        args.seeds = [1] if args.quick else [1, 2, 3]
+        args.seeds = [1] if args.quick else [1, 2, 3, 4, 5]
     if args.variants is None:
         args.variants = ["default", "ramp"] if args.quick else list(DEFAULT_VARIANTS)
     if not args.quick:
