@@ -536,6 +536,8 @@ def run_job(job: Job) -> dict[str, Any]:
     }
     if cb is not None:
         out["model"]["measured"] = trajectory_model(rec)
+        out["probes"] = [r.to_dict() for r in getattr(cb.policy, "results", [])]
+        out["rho"] = getattr(cb.policy, "rho", None)
     if task.extra_fn is not None:
         out["model"]["exact_bnoise"] = trajectory_model(rec, "exact_bnoise")
         out["model"]["exact_gns"] = trajectory_model(rec, "exact_gns")

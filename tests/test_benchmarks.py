@@ -259,3 +259,31 @@ def test_equal_budget_cache_key_follows_the_data():
     assert eb.data_fingerprint(task) == eb.data_fingerprint(task)
     assert eb.data_fingerprint(task, seed=2) != eb.data_fingerprint(task, seed=1)
     assert task.config()["data"] == eb.data_fingerprint(task)
+
+
+# ----------------------------------------------------------------------------- probe_trace
+def test_probe_trace_rows_and_final_loss_critical_batch(tmp_path):
+    """Each probe's row: r = branch / main progress and the B_crit the closed form gives
+    (``(1 + B / kB) / (1 + kB / kB)`` at r = 0.75, B = 100, k = 2: 200), ``inf`` once k B
+    did as well, none without main progress; the final-loss critical batch is the largest
+    fixed batch within the spread of the best."""
+    pt = importlib.import_module("probe_trace")
+    probe = {"samples": 512, "batch_size": 100, "factor": 2, "gns": 50.0}
+    out = {"seed": 1, "run": {"probes": [{**probe, "progress": 0.4, "branch_progress": 0.3},
+                                         {**probe, "progress": 0.4, "branch_progress": 0.5},
+                                         {**probe, "progress": -0.1, "branch_progress": 0.2}]}}
+    rows = pt.probe_rows(out)
+    assert [r[4:6] for r in rows] == [["0.750", "200"], ["1.250", "inf"],
+                                      ["-", "none (no main progress)"]]
+    # a cache whose B=16 and B=32 tie and B=64 loses on every seed
+    task = eb.get_task("noisefloor", True)
+    runs = [{"kind": "fixed", "batch": b, "lr": 0.1, "seed": s, "steps": 64 // b,
+             "final_loss": loss + 0.01 * s, "wall": 0.0}
+            for b, loss in ((16, 1.0), (32, 1.0), (64, 1.5)) for s in (1, 2)]
+    runs[2]["final_loss"] -= 0.001  # B=32 better on seed 1, worse on seed 2: within the
+    runs[3]["final_loss"] += 0.002  # spread of B=16, the best by its median
+    (tmp_path / f"equal_budget_{task.name}.json").write_text(json.dumps(
+        {"key": eb.config_key(task), "fixed": {"seeds": [1, 2], "runs": runs}}))
+    assert pt.final_loss_critical_batch(task, tmp_path) == {"best": "B=16",
+                                                             "largest_equal": 32}
+    assert pt.final_loss_critical_batch(task, tmp_path / "none") is None
