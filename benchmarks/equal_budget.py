@@ -25,8 +25,9 @@ Per task:
 
 Tasks: least squares (``synthetic``; ``noisefloor``, run to its noise floor), the digits CNN
 (``digits``: validation loss; ``digits_long``: 4x the samples, loss on the training set), the
-char-LM (``charlm``; ``charlm_long``, 8/3 the samples) and a teacher-student MLP on fresh data
-(``teacher``). More evaluation seeds than a cache holds are added at its tuned lrs.
+char-LM (``charlm``; ``charlm_long``, 8/3 the samples), a causal-CNN byte LM with SGD on the
+same text (``charcnn``) and a teacher-student MLP on fresh data (``teacher``). More evaluation
+seeds than a cache holds are added at its tuned lrs.
 
 Reported per task: the fixed frontier (B, lr, final loss median [min, max], steps); for each
 adaptive variant its steps and loss, the step saving against the best-loss fixed batch when
@@ -70,7 +71,8 @@ import common  # noqa: E402
 from common import Progress, fmt, median_range, predicted_saving, trajectory_model  # noqa: E402
 
 SECTION = "equal_budget"
-TASKS = ("synthetic", "noisefloor", "digits", "digits_long", "charlm", "charlm_long", "teacher")
+TASKS = ("synthetic", "noisefloor", "digits", "digits_long", "charlm", "charlm_long", "teacher",
+         "charcnn")
 WARMUP = 0.05  # warm-up fraction of the sample budget
 DATA_DIR = common.BENCH_DIR / "data"
 # the tasks built as high-growth candidates: their goals are always reported; those of any
@@ -449,6 +451,58 @@ def teacher_student_task(quick: bool, name: str = "teacher", budget: int = 524_2
     return task
 
 
+def _char_cnn_class():
+    from torch import nn
+    from torch.nn import functional as F
+
+    from adabatch.tasks.common import TaskModule
+
+    class CharCNN(TaskModule):
+        """A causal convolutional byte-level LM: embedding, one causal convolution over the
+        last ``kernel`` bytes, tanh, a per-position linear read-out (SGD-friendly, no
+        attention, no normalisation)."""
+
+        def __init__(self, lr: float, d_embed: int = 32, channels: int = 128, kernel: int = 8,
+                     momentum: float = 0.9) -> None:
+            super().__init__(lr=lr, optimizer="sgd", momentum=momentum, weight_decay=0.0,
+                             betas=(0.9, 0.999))
+            self.kernel = kernel
+            self.embed = nn.Embedding(256, d_embed)
+            self.conv = nn.Conv1d(d_embed, channels, kernel)
+            self.out = nn.Linear(channels, 256)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            h = self.embed(x).transpose(1, 2)  # [B, C, T]
+            h = torch.tanh(self.conv(F.pad(h, (self.kernel - 1, 0))))
+            return self.out(h.transpose(1, 2))  # [B, T, 256]
+
+        def loss(self, batch):  # noqa: ANN001, ANN201
+            x, y = batch
+            return F.cross_entropy(self(x).reshape(-1, 256), y.reshape(-1))
+
+    return CharCNN
+
+
+def charcnn_task(quick: bool, name: str = "charcnn", budget: int = 32_768) -> Task:
+    """A causal CNN byte-level LM on the char-LM's data with SGD + momentum."""
+    context = 32
+    train, val_x, val_y = common.charlm_windows(context)
+    budget = 1024 if quick else budget
+    task = Task(
+        name=name, budget=budget, batches=[8, 16] if quick else [8, 16, 32, 64, 128, 256],
+        optimizer="sgd", lr_center=lambda b: min(0.1 * b / 8, 2.0), half_life=budget / 16,
+        loss_text=f"validation cross-entropy, nats/byte ({len(val_x)} windows of {context})",
+        notes=[f"causal CNN byte LM: embedding 32, one causal convolution (kernel 8, 128 "
+               f"channels), tanh, linear read-out; {len(train)} training windows of stdlib "
+               "source; SGD momentum 0.9"],
+    )
+    model_cls = scheduled(_char_cnn_class())
+    task.make_model = lambda lr: model_cls(lr=lr)
+    task.make_dataset = lambda seed: train
+    task.eval_fn = lambda m: float(m.loss((val_x, val_y)))
+    return task
+
+
 def digits_long_task(quick: bool) -> Task:
     """The digits CNN on 4x the samples (34 epochs), judged by its loss on the whole training
     set: an exact full-dataset statistic, without the held-out set's seed spread, for a run
@@ -458,7 +512,8 @@ def digits_long_task(quick: bool) -> Task:
 
 BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits": digits_task,
             "digits_long": digits_long_task, "charlm": charlm_task,
-            "charlm_long": charlm_long_task, "teacher": teacher_student_task}
+            "charlm_long": charlm_long_task, "teacher": teacher_student_task,
+            "charcnn": charcnn_task}
 
 
 
