@@ -1064,11 +1064,10 @@ def render(outs: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]
             for more in out["raw"].get("more_seeds", []):
                 lines.append(f"- seeds {more['seeds']} of the fixed and control runs added by "
                              f"`{more['command']}` of {more['date']} on {more['device']}")
-        ameasured = out.get("adaptive_measured")
-        if ameasured:
-            lines.append(f"- adaptive runs reused from `{ameasured['command']}` of "
-                         f"{ameasured['date']} (commit {ameasured.get('commit', 'unknown')}) on "
-                         f"{ameasured['device']}")
+        for m in out.get("adaptive_measured") or []:
+            lines.append(f"- adaptive runs of {', '.join(m['variants'])} reused from "
+                         f"`{m['command']}` of {m['date']} (commit "
+                         f"{m.get('commit', 'unknown')}) on {m['device']}")
         rows = []
         for p in out["fixed"] + out["control"]:
             growth = (out["fixed_growth"] if p.kind == "fixed" else out["control_growth"]).get(
@@ -1176,6 +1175,16 @@ def cpu_seconds() -> float:
 _rel = common.rel_path
 
 
+def provenance(saved_adaptive: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cached adaptive runs' provenance, one entry per command, each naming the variants
+    it ran (a cache written before entries named them: every variant in its runs)."""
+    measured = saved_adaptive["measured"]
+    if isinstance(measured, dict):
+        kinds = [v for v in VARIANTS if any(r["kind"] == v for r in saved_adaptive["runs"])]
+        measured = [{**measured, "variants": kinds}]
+    return measured
+
+
 # ============================================================================ main
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1191,6 +1200,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="read the fixed and control runs from --data instead of running them")
     ap.add_argument("--reuse-adaptive", action="store_true",
                     help="with --reuse-fixed: re-analyse the cached adaptive runs too")
+    ap.add_argument("--replace-variants", action="store_true",
+                    help="run --variants again and keep the cached runs of the others")
     ap.add_argument("--fixed-only", action="store_true",
                     help="run and cache the fixed and control runs only (no report)")
     ap.add_argument("--data", type=Path, default=None,
@@ -1210,8 +1221,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.data = args.data or DATA_DIR
         args.results = args.results or common.DEFAULT_RESULTS
         args.figures = args.figures or common.FIGURES_DIR
-    if args.reuse_adaptive and not args.reuse_fixed:
-        ap.error("--reuse-adaptive needs --reuse-fixed")
+    if (args.reuse_adaptive or args.replace_variants) and not args.reuse_fixed:
+        ap.error("--reuse-adaptive and --replace-variants need --reuse-fixed")
+    if args.reuse_adaptive and args.replace_variants:
+        ap.error("--reuse-adaptive runs nothing; --replace-variants reruns --variants")
     if args.reuse_fixed and args.data is None:
         ap.error("--reuse-fixed needs --data (or a full run)")
     if args.jobs < 1:
@@ -1259,23 +1272,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.fixed_only:
             continue
         apath = None if path is None else path.with_name(f"equal_budget_{name}_adaptive.json")
-        adaptive_measured = None
-        if args.reuse_adaptive:
+        adaptive_measured: list[dict[str, Any]] = []
+        if args.reuse_adaptive or args.replace_variants:
             saved_adaptive = json.loads(apath.read_text())
             if saved_adaptive.get("key") != config_key(task):
                 raise SystemExit(f"{apath} was measured with another task configuration or "
-                                 "data; rerun without --reuse-adaptive")
-            adaptive, adaptive_measured = saved_adaptive["runs"], saved_adaptive["measured"]
-        else:
+                                 "data; rerun without --reuse-adaptive / --replace-variants")
+            adaptive, adaptive_measured = saved_adaptive["runs"], provenance(saved_adaptive)
+        if not args.reuse_adaptive:
             log(f"== {name}: adaptive {args.variants}")
-            adaptive = run_adaptive(task, args.quick, fixed, args.seeds, args.variants,
-                                    args.jobs, log)
+            fresh = run_adaptive(task, args.quick, fixed, args.seeds, args.variants,
+                                 args.jobs, log)
+            measured = {"date": common.now(), "device": common.device_line(),
+                        "command": common.command_line("equal_budget.py", argv),
+                        "commit": _commit(), "variants": list(args.variants)}
+            if args.replace_variants:  # the other variants' cached runs stay
+                adaptive = [r for r in adaptive if r["kind"] not in args.variants] + fresh
+                adaptive_measured = [
+                    {**m, "variants": [v for v in m["variants"] if v not in args.variants]}
+                    for m in adaptive_measured]
+                adaptive_measured = [m for m in adaptive_measured if m["variants"]]
+                kept = adaptive_measured
+            else:
+                adaptive, kept, adaptive_measured = fresh, [], []
             if apath is not None:
-                apath.write_text(json.dumps({"measured": {
-                    "date": common.now(), "device": common.device_line(),
-                    "command": common.command_line("equal_budget.py", argv),
-                    "commit": _commit()}, "key": config_key(task), "runs": adaptive},
-                    indent=1))
+                apath.write_text(json.dumps({"measured": kept + [measured],
+                                             "key": config_key(task), "runs": adaptive},
+                                            indent=1))
         outs.append(analyze(task, fixed, adaptive))
         outs[-1]["adaptive_measured"] = adaptive_measured
     seconds = time.perf_counter() - t0

@@ -166,6 +166,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("mb_count_per_rank", "micro-batch count checked against one rank's batches",
            "src/adabatch/noise/step_stats.py",
            "expected = batches", "expected = batches / world_size", (E2E, DDP), ddp=True),
+    Mutant("probe_inconclusive_reopens", "an inconclusive probe window reopens at once",
+           "src/adabatch/branch.py", "        self.last = result\n        return result",
+           "        if result.critical_batch is not None:\n            self.last = result\n"
+           "        return result",
+           ("tests/test_branch.py::test_an_inconclusive_window_delays_the_next_as_a_"
+            "conclusive_one_would",)),
 )
 
 

@@ -210,6 +210,14 @@ def test_equal_budget_quick(results, tmp_path):
     assert [m["seeds"] for m in cached["fixed"]["more_seeds"]] == [[2]]  # provenance
     (back,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
     assert back["raw"]["runs"] == raw["runs"] and back["raw"]["seeds"] == [1]
+    # one variant run again, the others' cached runs kept, each with its own provenance
+    (mixed,) = eb.main(argv + ["--reuse-fixed", "--replace-variants", "--variants", "ramp"])
+    assert [p.kind for p in mixed["adaptive"]] == ["default", "ramp"]
+    assert mixed["adaptive"][0].runs == json.loads(json.dumps(back["adaptive"][0].runs))
+    cached = json.loads((tmp_path / "data" / f"equal_budget_{task.name}_adaptive.json")
+                        .read_text())
+    assert [m["variants"] for m in cached["measured"]] == [["default"], ["ramp"]]
+    assert [m["variants"] for m in mixed["adaptive_measured"]] == [["default"]]
 
 
 def test_doubling_ramp_spends_equal_samples_per_size():

@@ -38,7 +38,8 @@ def _fit(tmp_path, policy, steps=120, accumulate=1, model=None, noise_std=1.0, *
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_the_probe_leaves_the_main_run_bit_identical(tmp_path, accumulate):
-    probe = CriticalBatchProbe(window_steps=4, eval_samples=32, max_overhead=0.5)
+    probe = CriticalBatchProbe(window_steps=4, eval_samples=32, max_overhead=0.5,
+                               refresh_samples_factor=1.2)
     plain_model, _, plain_rec = _fit(tmp_path / "a", FixedPolicy(), accumulate=accumulate)
     policy = ProbeOnly(probe)
     model, cb, rec = _fit(tmp_path / "b", policy, accumulate=accumulate)
@@ -162,3 +163,20 @@ def test_two_ranks_report_the_closed_form_critical_batch(tmp_path):
     branch's gradients are averaged): both ranks report it."""
     for out in _two_ranks("ddp_probe_oracle.py", tmp_path):
         probe_oracle.check([ProbeResult.from_dict(r) for r in out["results"]], out["sq_norms"])
+
+
+def test_an_inconclusive_window_delays_the_next_as_a_conclusive_one_would(tmp_path):
+    """At an lr too small to move float32 weights every window sees no progress on the probe
+    set (inconclusive). The next window must wait for the samples to grow by
+    ``refresh_samples_factor``, as after a conclusive one, not reopen at once (back to back it
+    spent the budget on windows that see the same noise)."""
+    probe = CriticalBatchProbe(window_steps=4, eval_samples=32, max_overhead=1.0,
+                               refresh_samples_factor=2.0, reprobe_growth=1e9)
+    policy = ProbeOnly(probe)
+    model = LeastSquaresModel(dim=8, lr=1e-30, init_scale=2.0)
+    _, cb, _ = _fit(tmp_path, policy, steps=200, model=model)
+    assert len(policy.results) >= 3, "the test needs several windows"
+    assert all(r.ratio is None for r in policy.results)  # every one inconclusive
+    ends = [r.samples for r in policy.results]
+    assert all(b >= 2 * a for a, b in zip(ends, ends[1:])), ends
+    assert cb._branch.last == policy.results[-1]

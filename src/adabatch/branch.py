@@ -118,7 +118,7 @@ class BranchRunner:
         self.window: dict[str, Any] | None = None
         self.spent = 0.0  # sample-equivalents of forward+backward
         self.seconds = 0.0
-        self.last: ProbeResult | None = None  # the last conclusive result
+        self.last: ProbeResult | None = None  # the last window's result, conclusive or not
 
     @property
     def eval_ready(self) -> bool:
@@ -210,8 +210,9 @@ class BranchRunner:
             cost=cost,
             seconds=seconds,
         )
-        if result.critical_batch is not None:
-            self.last = result
+        # An inconclusive window (no progress on the probe set) times the next one as a
+        # conclusive one would: reopened at once it would face the same noise.
+        self.last = result
         return result
 
     def _branch_step(self, pl_module: Any, optimizer: Any, trainer: Any,

@@ -88,7 +88,7 @@ class CriticalBatchProbe:
         tolerance: the smallest progress loss (``1 - r``) a probe is trusted to resolve;
             sets the largest critical batch one probe can report.
         reprobe_growth: probe again once ``B_simple`` has grown by this factor since the
-            last conclusive probe (the level can drift as training moves on) ...
+            last probe (the level can drift as training moves on) ...
         refresh_samples_factor: ... or once the sample count has grown by this factor.
 
     Raises:
@@ -130,7 +130,8 @@ class CriticalBatchProbe:
                      planned_samples: int | None = None) -> bool:
         """Whether to open a window now (budget allows it and the level may have moved).
 
-        ``last`` is the last *conclusive* probe (``None``: none yet). The budget is
+        ``last`` is the last probe, conclusive or not (``None``: none yet): a window that saw
+        no progress on the probe set would see the same noise if reopened at once. The budget is
         ``max_overhead`` of the samples so far, or of ``planned_samples`` (the run's sample
         budget, when known) if that is larger: a run of known length may calibrate early,
         and its probes still cost at most ``max_overhead`` of it in the end.
