@@ -263,9 +263,10 @@ def schedule_error(run: dict[str, Any], budget: int) -> float:
 
 
 def _least_squares(name: str, quick: bool, dim: int, noise_std: float, budget: int,
-                   batches: list[int], cond: float = 10.0) -> Task:
+                   batches: list[int]) -> Task:
     from adabatch.tasks.synthetic import LeastSquaresModel, LeastSquaresProblem
 
+    cond = 10.0
     problem = LeastSquaresProblem(dim=dim, noise_std=noise_std, condition=cond, seed=0)
     lam_max = float(problem.spectrum.max())
     floor = 0.5 * noise_std**2
@@ -516,7 +517,6 @@ BUILDERS = {"synthetic": synthetic_task, "noisefloor": noisefloor_task, "digits"
             "charcnn": charcnn_task}
 
 
-
 @cache
 def get_task(name: str, quick: bool) -> Task:
     return BUILDERS[name](quick)
@@ -687,12 +687,12 @@ def extend_seeds(task: Task, quick: bool, fixed: dict[str, Any], seeds: list[int
            "more_seeds": fixed.get("more_seeds", []) + [{
                "seeds": seeds, "date": common.now(), "device": common.device_line(),
                "command": common.command_line("equal_budget.py", argv)}]}
-    out["runs"] = fixed["runs"] + run_all([Job(task.name, quick, k, s, lr[b], b) for k in kinds
-                                           for s in seeds for b in task.batches], n_jobs, log)
+    jobs = [Job(task.name, quick, k, s, lr[b], b) for k in kinds for s in seeds
+            for b in task.batches]
+    out["runs"] = fixed["runs"] + run_all(jobs, n_jobs, log)
     if "constant" in fixed:
-        out["constant"] = fixed["constant"] + run_constant_fixed(task, quick, {**fixed,
-                                                                               "seeds": seeds},
-                                                                 n_jobs, log)
+        added = run_constant_fixed(task, quick, {**fixed, "seeds": seeds}, n_jobs, log)
+        out["constant"] = fixed["constant"] + added
     return out
 
 
@@ -932,7 +932,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     draw(out["control"], "s", "tab:purple", "fixed + kappa transforms (control)")
     style = {"default": ("*", "tab:red"), "seesaw": ("X", "tab:brown"),
              "seesaw_uncapped": ("x", "tab:pink"), "seesaw_adam_plain": ("v", "tab:olive"),
-             "default_lr_fixed": ("p", "tab:cyan"), "default_tuned": ("*", "tab:brown"),
+             "default_lr_fixed": ("p", "tab:cyan"), "default_tuned": ("P", "tab:orange"),
              "sqrt": ("D", "tab:blue"), "ramp": ("^", "tab:green")}
     for p in out["adaptive"]:
         m, c = style[p.kind]
@@ -1279,6 +1279,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 raise SystemExit(f"{apath} was measured with another task configuration or "
                                  "data; rerun without --reuse-adaptive / --replace-variants")
             adaptive, adaptive_measured = saved_adaptive["runs"], provenance(saved_adaptive)
+            # the evaluation seeds only (the cache may hold more); the lr grid's runs stay
+            adaptive = [r for r in adaptive if r.get("tuning") or r["seed"] in args.seeds]
         if not args.reuse_adaptive:
             log(f"== {name}: adaptive {args.variants}")
             fresh = run_adaptive(task, args.quick, fixed, args.seeds, args.variants,
@@ -1292,11 +1294,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     {**m, "variants": [v for v in m["variants"] if v not in args.variants]}
                     for m in adaptive_measured]
                 adaptive_measured = [m for m in adaptive_measured if m["variants"]]
-                kept = adaptive_measured
             else:
-                adaptive, kept, adaptive_measured = fresh, [], []
+                adaptive = fresh
             if apath is not None:
-                apath.write_text(json.dumps({"measured": kept + [measured],
+                apath.write_text(json.dumps({"measured": adaptive_measured + [measured],
                                              "key": config_key(task), "runs": adaptive},
                                             indent=1))
         outs.append(analyze(task, fixed, adaptive))

@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import equal_budget as eb  # noqa: E402
 
+from adabatch.control.critical import critical_batch_from_ratio  # noqa: E402
+
 SECTION = "probe_trace"
 TASKS = ("noisefloor", "teacher", "synthetic", "charlm")
 
@@ -82,8 +84,6 @@ def probe_rows(out: dict[str, Any]) -> list[list[str]]:
         if ratio is None:
             crit = "none (no main progress)"
         else:
-            from adabatch.control.critical import critical_batch_from_ratio
-
             crit = common.fmt(critical_batch_from_ratio(ratio, p["batch_size"], p["factor"]),
                               ".3g", "inf")
         rows.append([out["seed"], p["samples"], p["batch_size"], p["factor"],

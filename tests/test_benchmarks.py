@@ -208,6 +208,10 @@ def test_equal_budget_quick(results, tmp_path):
     cached = json.loads((tmp_path / "data" / f"equal_budget_{task.name}.json").read_text())
     assert cached["fixed"]["seeds"] == [1, 2]
     assert [m["seeds"] for m in cached["fixed"]["more_seeds"]] == [[2]]  # provenance
+    # re-analysed on seed 1 alone: the cached adaptive runs of seed 2 are left out too
+    (only1,) = eb.main(argv + ["--reuse-fixed", "--reuse-adaptive", "--seeds", "1"])
+    assert {r["seed"] for p in only1["adaptive"] for r in p.runs} == {1}
+    assert {r["seed"] for r in only1["raw"]["runs"]} == {1}
     (back,) = eb.main(argv + ["--reuse-fixed", "--variants", "default"])
     assert back["raw"]["runs"] == raw["runs"] and back["raw"]["seeds"] == [1]
     # one variant run again, the others' cached runs kept, each with its own provenance
