@@ -73,11 +73,11 @@ def dataset() -> TensorDataset:
     return TensorDataset(torch.ones(N, 1, dtype=torch.float64), z)
 
 
-def callback(noise: str) -> AdaptiveBatchSize:
+def callback(noise: str, lr_rule: str = "kappa") -> AdaptiveBatchSize:
     probe = CriticalBatchProbe(factor=K, window_steps=WINDOW, eval_samples=ZEROS,
                                max_overhead=1.0, refresh_samples_factor=1.2)
     return AdaptiveBatchSize(policy=ProbeOnly(probe), noise=noise, ref_batch_size=BATCH,
-                             rules=ScalingRules(lr="kappa"), half_life_samples=HALF_LIFE)
+                             rules=ScalingRules(lr=lr_rule), half_life_samples=HALF_LIFE)
 
 
 MAX_STEPS = (N - ZEROS) // BATCH
@@ -124,6 +124,7 @@ def check(results: list[ProbeResult], sq_norms: list[float]) -> None:
         ratio = (l0 - branch) / (l0 - main)
         assert r.critical_batch == pytest.approx(
             critical_batch_from_ratio(ratio, BATCH, K), rel=1e-6)
+        assert r.ratio_std == pytest.approx(0.0, abs=1e-12)  # alike probe batches: no spread
         # B_simple at the window's end: the ratio of two EMAs of the per-step estimates, each
         # exact here (per example and per micro-batch alike): |G_j|^2 = |w_(j-1)|^2 and
         # tr(Sigma_j) = s^2 (0 on the probe set's steps, whose examples are all z = 0)

@@ -133,9 +133,10 @@ class BranchRunner:
     # ---------------------------------------------------------------- the window
     def open(self, pl_module: Any, optimizer: Any, trainer: Any, batch_size: int) -> None:
         t0 = time.perf_counter()
+        l0 = self._batch_losses(pl_module, trainer)
         self.window = {
             "snapshot": _Snapshot(pl_module, optimizer),
-            "l0": self.evaluate(pl_module, trainer),
+            "l0": l0,
             "batch_size": batch_size,
             "steps": [],  # per main step: {"batches": [...], "lrs": [...]}
         }
@@ -177,7 +178,7 @@ class BranchRunner:
         window, self.window = self.window, None
         k = self.config.factor
         batch = window["batch_size"]
-        l_main = self.evaluate(pl_module, trainer)
+        l_main = self._batch_losses(pl_module, trainer)
         main = _Snapshot(pl_module, optimizer)
         with torch.random.fork_rng(devices=_rng_devices()):
             window["snapshot"].load(pl_module, optimizer)
@@ -190,20 +191,23 @@ class BranchRunner:
                                   [b for s in group for b in s["batches"]])
                 apply_factors(k * batch)
                 optimizer.step()
-            l_branch = self.evaluate(pl_module, trainer)
+            l_branch = self._batch_losses(pl_module, trainer)
         main.load(pl_module, optimizer)
         optimizer.zero_grad(set_to_none=True)
         cost = self.config.cost(batch)
         self.spent += cost
         seconds = time.perf_counter() - t0
         self.seconds += seconds
-        l0 = window["l0"]
+        progress, branch_progress, ratio_std = self._compare(
+            trainer, window["l0"], l_main, l_branch
+        )
         result = ProbeResult(
             samples=samples,
             batch_size=batch,
             factor=k,
-            progress=l0 - l_main,
-            branch_progress=l0 - l_branch,
+            progress=progress,
+            branch_progress=branch_progress,
+            ratio_std=ratio_std,
             gns=gns,
             gns_rel_std=gns_rel_std,
             tolerance=self.config.tolerance,
@@ -214,6 +218,32 @@ class BranchRunner:
         # conclusive one would: reopened at once it would face the same noise.
         self.last = result
         return result
+
+    @staticmethod
+    def _compare(trainer: Any, l0: torch.Tensor, l_main: torch.Tensor,
+                 l_branch: torch.Tensor) -> tuple[float, float, float | None]:
+        """Progress of the main run and of the branch on the probe set (all ranks), and the
+        standard error of their ratio ``r`` over the probe set's batches.
+
+        With per-batch progress ``c_i`` (main) and ``a_i`` (branch) and batch sizes ``n_i``,
+        ``r = sum n a / sum n c`` and, treating the batches as independent draws (the delta
+        method), ``var(r) = sum n^2 (a - r c)^2 / (sum n c)^2``: how much the ratio would
+        move with another probe set of the same size. ``None`` with fewer than two batches
+        or no main progress.
+        """
+        n = l0[:, 1]
+        c = l0[:, 0] - l_main[:, 0]
+        a = l0[:, 0] - l_branch[:, 0]
+        one = torch.ones((), dtype=torch.float64, device=n.device)
+        sums = trainer.strategy.reduce(
+            torch.stack([n.sum(), (n * c).sum(), (n * a).sum(), one * len(n)]), reduce_op="sum")
+        total, sc, sa, count = (float(v) for v in sums)
+        progress, branch_progress = sc / max(total, 1.0), sa / max(total, 1.0)
+        if count < 2 or not sc > 0:
+            return progress, branch_progress, None
+        r = sa / sc
+        spread = trainer.strategy.reduce((n * (a - r * c)).square().sum(), reduce_op="sum")
+        return progress, branch_progress, float(spread) ** 0.5 / sc
 
     def _branch_step(self, pl_module: Any, optimizer: Any, trainer: Any,
                      batches: list[Any]) -> None:
@@ -242,23 +272,32 @@ class BranchRunner:
 
     def evaluate(self, pl_module: Any, trainer: Any) -> float:
         """Mean loss over the probe set (all ranks), modules in eval mode, no grad."""
+        losses = self._batch_losses(pl_module, trainer)
+        total = torch.stack([(losses[:, 0] * losses[:, 1]).sum(), losses[:, 1].sum()])
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        return float(total[0] / total[1].clamp_min(1.0))
+
+    def _batch_losses(self, pl_module: Any, trainer: Any) -> torch.Tensor:
+        """``(mean loss, size)`` of each of this rank's probe-set batches, float64."""
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+        rows = []
         try:
             with torch.no_grad(), _muted(pl_module):
                 for b in self.eval_batches:
                     with trainer.precision_plugin.forward_context():
                         loss = _loss_of(pl_module.training_step(b, 0))
                     if loss is not None:
-                        n = extract_batch_size(b)
-                        total[0] += loss.detach().double() * n
-                        total[1] += n
+                        rows.append(torch.stack([loss.detach().double().reshape(()),
+                                                 torch.tensor(float(extract_batch_size(b)),
+                                                              dtype=torch.float64,
+                                                              device=loss.device)]))
         finally:
             for m, training in modes.items():
                 m.training = training
-        total = trainer.strategy.reduce(total, reduce_op="sum")
-        return float(total[0] / total[1].clamp_min(1.0))
+        if not rows:
+            return torch.zeros(0, 2, dtype=torch.float64, device=pl_module.device)
+        return torch.stack(rows).to(pl_module.device)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -301,6 +340,9 @@ class BranchRunner:
                 raise ValueError("probe.window must hold snapshot, l0, batch_size and steps")
             window = dict(window)
             window["snapshot"] = _Snapshot.from_state(window["snapshot"])
+            l0 = window["l0"]
+            if not (isinstance(l0, torch.Tensor) and l0.ndim == 2 and l0.shape[1] == 2):
+                window = None  # a window saved without per-batch losses: probe again later
         self.eval_batches = batches
         self._eval_count = int(state.get("eval_count", 0))
         self.window = window

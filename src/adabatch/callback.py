@@ -750,7 +750,7 @@ class AdaptiveBatchSize(Callback):
                 return True
             with self._noise_probe_paused():
                 result = branch.close(
-                    pl_module, optimizer, trainer, self._apply_factors,
+                    pl_module, optimizer, trainer, self._apply_branch_factors,
                     samples=self.samples, gns=obs.gns, gns_rel_std=obs.gns_rel_std,
                 )
             self._last_probe = result
@@ -783,17 +783,34 @@ class AdaptiveBatchSize(Callback):
                 probe.attach()
                 probe.reset()
 
+    def _gain(self, batch_size: int) -> float | None:
+        """The AdaScale gain at ``batch_size`` (``None``: the lr rule does not use one)."""
+        assert self._scaler is not None and self._estimator is not None
+        if not self._scaler.needs_gain:
+            return None
+        est = self._estimator
+        if est.grad_sq is None or est.trace_sigma is None:
+            return 1.0  # until the estimate exists: the lr the user tuned at B_ref
+        return adascale_gain(est.trace_sigma, est.grad_sq, batch_size,
+                             float(self._ref or batch_size))
+
     def _apply_factors(self, batch_size: int) -> dict[str, float]:
         """Scale the optimizer for one step at global ``batch_size``."""
-        assert self._scaler is not None and self._estimator is not None
+        assert self._scaler is not None
         ref = float(self._ref or batch_size)
-        gain = None
-        est = self._estimator
-        if self._scaler.needs_gain:
-            # Until the estimate exists the gain is 1: the lr the user tuned at B_ref.
-            gain = 1.0
-            if est.grad_sq is not None and est.trace_sigma is not None:
-                gain = adascale_gain(est.trace_sigma, est.grad_sq, batch_size, ref)
+        return self._scaler.apply(batch_size / ref, gain=self._gain(batch_size))
+
+    def _apply_branch_factors(self, batch_size: int) -> dict[str, float]:
+        """Scale the optimizer for a probe's branch step at ``batch_size = k B``: the main
+        run's factors at ``B`` times the plain kappa rule's ``k`` (SGD) or ``sqrt(k)`` (Adam).
+        A saturating gain would fix the branch's lr from the noise scale, and the probe would
+        only measure the noise scale again."""
+        assert self._scaler is not None and self._branch is not None
+        main = batch_size // self._branch.config.factor
+        ref = float(self._ref or main)
+        gain = self._gain(main)
+        if gain is not None:
+            gain *= batch_size / main
         return self._scaler.apply(batch_size / ref, gain=gain)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:

@@ -181,6 +181,16 @@ def test_critical_policy_uses_the_lower_bound_consistently():
     assert p.rho == pytest.approx(1.28)
     assert p.critical_batch(obs(gns=150.0, rel=0.25)) == pytest.approx(128.0)
     assert p.critical_batch(obs(gns=150.0, rel=None)) is None
+    # the probe's ratio is credited at its lower bound r - z ratio_std: r = 0.95 +- 0.025
+    # at z = 2 is r = 0.9, the same B_crit = 128 as above; without the error, 16 * 0.9 / 0.05
+    q = bound(CriticalBatchPolicy(confidence=2.0), 16, 4096, 16)
+    q.observe_probe(ProbeResult(1000, 16, 2, progress=1.0, branch_progress=0.95, gns=150.0,
+                                gns_rel_std=0.25, ratio_std=0.025))
+    assert q.rho == pytest.approx(1.28)
+    u = bound(CriticalBatchPolicy(confidence=2.0), 16, 4096, 16)
+    u.observe_probe(ProbeResult(1000, 16, 2, progress=1.0, branch_progress=0.95, gns=150.0,
+                                gns_rel_std=0.25))
+    assert u.rho == pytest.approx(16 * 0.9 / 0.05 / 100.0)
 
 
 def test_critical_policy_state_roundtrip_and_bind_resets():

@@ -168,6 +168,8 @@ class ProbeResult:
         branch_progress: ``L0 - L_branch``.
         gns: ``B_simple`` at the end of the window (``None``: not measured).
         gns_rel_std: its relative standard error (``None``: unknown).
+        ratio_std: the standard error of ``r`` over the probe set's batches (``None``:
+            unknown).
         tolerance: the probe's :attr:`CriticalBatchProbe.tolerance`.
         cost: sample-equivalents the probe spent.
         seconds: wall-clock seconds the probe spent.
@@ -180,6 +182,7 @@ class ProbeResult:
     branch_progress: float
     gns: float | None = None
     gns_rel_std: float | None = None
+    ratio_std: float | None = None
     tolerance: float = 0.05
     cost: float = 0.0
     seconds: float = 0.0
@@ -199,6 +202,24 @@ class ProbeResult:
         inconclusive)."""
         r = self.ratio
         return None if r is None else critical_batch_from_ratio(r, self.batch_size, self.factor)
+
+    def critical_batch_lower(self, z: float) -> float | None:
+        """``B_crit`` from the ratio's lower confidence bound ``r - z ratio_std`` (the
+        measured value where the standard error is unknown; ``None``: inconclusive).
+
+        Example::
+
+            >>> p = ProbeResult(samples=0, batch_size=100, factor=2, progress=1.0,
+            ...                 branch_progress=0.85, ratio_std=0.05)
+            >>> round(p.critical_batch, 1), round(p.critical_batch_lower(2.0), 1)
+            (466.7, 200.0)
+        """
+        r = self.ratio
+        if r is None:
+            return None
+        if self.ratio_std is not None and math.isfinite(self.ratio_std):
+            r -= z * self.ratio_std
+        return critical_batch_from_ratio(r, self.batch_size, self.factor)
 
     @property
     def resolvable(self) -> float:
@@ -227,4 +248,8 @@ class ProbeResult:
             if key in state and (isinstance(state[key], bool)
                                  or not isinstance(state[key], (int, float))):
                 raise ValueError(f"probe result {key}={state[key]!r} must be a number")
+        for key in ("gns", "gns_rel_std", "ratio_std"):
+            v = state.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"probe result {key}={v!r} must be a number or None")
         return cls(**state)

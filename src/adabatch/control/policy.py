@@ -481,13 +481,17 @@ class CriticalBatchPolicy(Policy):
     (where a larger batch stops saving steps; Merrill et al. 2025 double while the critical
     batch is above ``2B``), and a ``rho < 1`` lowers the level to ``rho * B_simple_lcb``;
     a ``rho > 1`` does not raise it (one probe's "no loss at kB" is bounded by its noise).
+    Each probe is credited at the lower confidence bound of its progress ratio,
+    ``r - z ratio_std`` (the standard error over the probe set's batches), so both inputs
+    of the calibration are lower bounds at the same ``z``.
 
     Before the first conclusive probe the target is the square-root law alone.
 
     Args:
         exponent: ``p`` in ``(0, 1]``.
         max_fraction: cap on ``B / B_crit`` in ``(0, 1]``.
-        confidence: ``z >= 0`` of the lower confidence bound on ``B_simple``.
+        confidence: ``z >= 0`` of the lower confidence bounds on ``B_simple`` and on a
+            probe's progress ratio.
         calibration_weight: weight of a new probe in the log-mean of ``rho`` in ``(0, 1]``.
         probe: the branched probe's settings (``None``: the defaults).
         **discipline: :class:`Policy`'s arguments.
@@ -559,7 +563,7 @@ class CriticalBatchPolicy(Policy):
 
     def observe_probe(self, result: ProbeResult) -> None:
         self.results.append(result)
-        crit = result.critical_batch
+        crit = result.critical_batch_lower(self.confidence)
         lcb = lower_bound(result.gns, result.gns_rel_std, self.confidence)
         if crit is None or lcb is None:
             return  # inconclusive: keep the calibration
