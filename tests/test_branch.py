@@ -19,7 +19,7 @@ from probe_oracle import ProbeOnly
 from torch.utils.data import DataLoader
 
 from adabatch import AdaptiveBatchSize
-from adabatch.control.critical import CriticalBatchProbe, ProbeResult, critical_batch_from_ratio
+from adabatch.control.critical import CriticalBatchProbe, ProbeResult
 from adabatch.control.policy import CriticalBatchPolicy, FixedPolicy
 from adabatch.tasks.synthetic import LeastSquaresData, LeastSquaresModel
 
