@@ -42,6 +42,7 @@ POLICY = "tests/control/test_policy.py"
 SEESAW_E2E = ("tests/test_callback.py::"
               "test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr")
 SEESAW_RESUME = "tests/test_callback.py::test_seesaw_resume_keeps_the_schedules_peak"
+SUMMARY = "tests/test_summary.py"
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "src/adabatch/control/policy.py",
            "crit = result.critical_batch_lower(self.confidence)",
            "crit = result.critical_batch", (POLICY,)),
+    Mutant("advice_on_any_probe", "the larger-start advice when any probe, not every one, "
+           "lost nothing", "src/adabatch/summary.py",
+           "self.larger_start = len(lossless) >= 2 and all(lossless)",
+           "self.larger_start = len(lossless) >= 2 and any(lossless)", (SUMMARY,)),
+    Mutant("advice_at_measured_r", "the larger-start advice judged at r, not its lower bound",
+           "src/adabatch/summary.py",
+           "lossless = [float(r.critical_batch_lower(z)) >= r.resolvable for r in conclusive]",
+           "lossless = [float(r.critical_batch) >= r.resolvable for r in conclusive]",
+           (SUMMARY,)),
     Mutant("branch_window_off_by_one", "the branch replays one main step too few",
            "src/adabatch/branch.py",
            'steps = window["steps"][: self.config.window_steps]',

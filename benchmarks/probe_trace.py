@@ -87,7 +87,8 @@ def probe_rows(out: dict[str, Any]) -> list[list[str]]:
             crit = common.fmt(critical_batch_from_ratio(ratio, p["batch_size"], p["factor"]),
                               ".3g", "inf")
         rows.append([out["seed"], p["samples"], p["batch_size"], p["factor"],
-                     common.fmt(ratio, ".3f", "-"), crit, common.fmt(p["gns"], ".3g", "-")])
+                     common.fmt(ratio, ".3f", "-"), common.fmt(p.get("ratio_std"), ".3f", "-"),
+                     crit, common.fmt(p["gns"], ".3g", "-")])
     return rows
 
 
@@ -111,8 +112,10 @@ def main(argv: list[str] | None = None) -> str:
     lines += common.context_lines("probe_trace.py", argv, load_before)
     lines.append("- protocol: the library default from B0 at B0's tuned lr (equal_budget's "
                  "cache), warm-up + cosine in samples over the task's budget; every probe of "
-                 "the run: r = branch progress / main progress over the window, B_crit from r "
-                 "(inf: k B did as well), B_simple at the window's end. Final-loss critical "
+                 "the run: r = branch progress / main progress over the window (the branch at "
+                 "k B with k x the main run's lr, sqrt(k) x for Adam), its standard error over "
+                 "the probe set's batches, B_crit from r (inf: k B did as well), B_simple at "
+                 "the window's end. Final-loss critical "
                  "batch: the largest fixed batch of equal_budget whose final loss is within "
                  "the seed spread of the best fixed batch's (its evaluation seeds)")
     for name in tasks:
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(f"- final-loss critical batch (equal_budget, fixed runs): every fixed "
                          f"batch up to B={frontier['largest_equal']} is within the seed spread "
                          f"of the best ({frontier['best']})")
-        lines += ["", common.md_table(["seed", "samples", "B", "k", "r", "B_crit", "B_simple"],
+        lines += ["", common.md_table(["seed", "samples", "B", "k", "r", "r's std. error",
+                                       "B_crit", "B_simple"],
                                       [r for o in outs for r in probe_rows(o)])]
     lines += ["", f"- wall time: {time.perf_counter() - t0:.0f} s"]
     text = "\n".join(lines)

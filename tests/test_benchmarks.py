@@ -281,12 +281,13 @@ def test_probe_trace_rows_and_final_loss_critical_batch(tmp_path):
     fixed batch within the spread of the best."""
     pt = importlib.import_module("probe_trace")
     probe = {"samples": 512, "batch_size": 100, "factor": 2, "gns": 50.0}
-    out = {"seed": 1, "run": {"probes": [{**probe, "progress": 0.4, "branch_progress": 0.3},
+    out = {"seed": 1, "run": {"probes": [{**probe, "progress": 0.4, "branch_progress": 0.3,
+                                          "ratio_std": 0.0125},
                                          {**probe, "progress": 0.4, "branch_progress": 0.5},
                                          {**probe, "progress": -0.1, "branch_progress": 0.2}]}}
     rows = pt.probe_rows(out)
-    assert [r[4:6] for r in rows] == [["0.750", "200"], ["1.250", "inf"],
-                                      ["-", "none (no main progress)"]]
+    assert [r[4:7] for r in rows] == [["0.750", "0.013", "200"], ["1.250", "-", "inf"],
+                                      ["-", "-", "none (no main progress)"]]
     # a cache whose B=16 and B=32 tie and B=64 loses on every seed
     task = eb.get_task("noisefloor", True)
     runs = [{"kind": "fixed", "batch": b, "lr": 0.1, "seed": s, "steps": 64 // b,

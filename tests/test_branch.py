@@ -72,6 +72,34 @@ def test_the_probe_tells_an_lr_near_its_limit_from_one_far_below(tmp_path):
     assert far > 0.99 and near < 0.95, (far, near)  # measured: 1.008 and 0.897
 
 
+def test_the_summary_reports_the_probes_and_advises_a_larger_start_only_without_loss(tmp_path):
+    """The run summary names the probes' count, cost and last critical batch; it advises a
+    larger starting batch only when every conclusive probe found no loss at k x B (an lr far
+    below its limit), not when one did (an lr near it)."""
+    probe = CriticalBatchProbe(window_steps=8, eval_samples=128, max_overhead=1.0,
+                               refresh_samples_factor=1.01)
+
+    def summary(lr):
+        policy = ProbeOnly(probe)
+        model = LeastSquaresModel(dim=8, lr=lr, init_scale=20.0, noise_std=0.01)
+        _, cb, _ = _fit(tmp_path / str(lr), policy, steps=150, model=model, noise_std=0.01)
+        s = cb.run_summary
+        conclusive = [r for r in policy.results if r.ratio is not None]
+        assert s.probe_windows == len(policy.results) and s.probe_conclusive == len(conclusive)
+        assert s.probe_overhead == pytest.approx(cb._branch.spent / cb.samples)
+        assert s.probe_last["ratio"] == conclusive[-1].ratio
+        assert "critical batch" in str(s) and f"{s.probe_windows} probe window(s)" in str(s)
+        return s, conclusive
+
+    far, probes = summary(0.01)
+    assert len(probes) >= 2 and all(r.ratio > 0.99 for r in probes)
+    assert far.larger_start and "advice" in str(far)
+    assert not far.critical_batch_bounded and far.critical_batch == probes[-1].resolvable
+    near, probes = summary(0.3)
+    assert probes[0].ratio < 0.95
+    assert not near.larger_start and "advice" not in str(near)
+
+
 def test_the_ratio_error_is_the_delta_method_over_probe_batches():
     """``ratio_std`` against an independent computation: the influence of each probe batch on
     ``r`` by autograd (float64), ``var(r) = sum_i (dr/dw_i)^2`` at unit batch weights."""

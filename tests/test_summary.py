@@ -124,3 +124,33 @@ def test_a_fit_that_fails_still_reports_what_it_did(tmp_path, capsys):
     assert s is not None and s.stop_reason == "error (RuntimeError)"
     assert (s.steps, s.samples) == (3, 6)
     assert "error (RuntimeError)" in capsys.readouterr().out
+
+
+def _probed(*ratios):
+    """A stand-in callback whose policy ran probes with ``(r, ratio_std)`` at B = 16, k = 2."""
+    from types import SimpleNamespace
+
+    from adabatch.control.critical import CriticalBatchProbe, ProbeResult
+    results = [ProbeResult(samples=100 * (i + 1), batch_size=16, factor=2, progress=1.0,
+                           branch_progress=r, ratio_std=std) for i, (r, std) in enumerate(ratios)]
+    policy = SimpleNamespace(probe=CriticalBatchProbe(), results=results, confidence=2.0)
+    return SimpleNamespace(policy=policy, _branch=SimpleNamespace(spent=50.0))
+
+
+@pytest.mark.parametrize(("ratios", "advice"), [
+    (((1.0, 0.01), (0.99, 0.01)), True),      # both lower bounds >= 1 - tolerance = 0.95
+    (((1.0, 0.01),), False),                  # one probe is not enough
+    (((1.0, 0.01), (0.9, 0.01)), False),      # the last one lost
+    (((0.9, 0.01), (1.0, 0.01)), False),      # an earlier one lost
+    (((1.0, 0.01), (0.96, 0.01)), False),     # 0.96 - 2 x 0.01 < 0.95: not shown lossless
+])
+def test_the_larger_start_advice_needs_every_probe_lossless_at_its_lower_bound(ratios, advice):
+    s = RunSummary(samples=1000)
+    s._read_probes(_probed(*ratios))
+    assert s.larger_start is advice
+    assert s.probe_windows == len(ratios) and s.probe_overhead == 0.05
+    last_r, last_std = ratios[-1]
+    crit = 16 * (2 * (last_r - 2 * last_std) - 1) / (1 - (last_r - 2 * last_std))
+    resolvable = 16 * (2 * 0.95 - 1) / 0.05
+    assert s.critical_batch == pytest.approx(min(crit, resolvable))
+    assert s.critical_batch_bounded is (crit < resolvable)

@@ -63,6 +63,15 @@ class RunSummary:
         updates: accepted estimator updates; skipped: updates skipped (non-finite, or
             steps the estimator refused).
         gns: the final noise-scale estimate (B_simple), if any.
+        probe_windows: branched critical-batch probes run (None: the policy has no probe);
+            probe_conclusive: those whose main run made progress on the probe set.
+        probe_overhead: the probes' compute as a fraction of the samples trained.
+        critical_batch: the last conclusive probe's critical batch, from its ratio's lower
+            confidence bound; when that probe found no loss at ``k x B`` it is the largest
+            level one probe resolves and ``critical_batch_bounded`` is False.
+        larger_start: every conclusive probe (at least two) found no loss at ``k x B`` with
+            the lr scaled by the rule (the ratio's lower bound at least ``1 - tolerance``):
+            the batch stayed below what the lr allows.
         wall_time_s: this session's wall time; train_loss / val_loss: last logged values.
         enabled: whether the adabatch callback was enabled.
         log_dir: the trainer's log directory.
@@ -82,6 +91,13 @@ class RunSummary:
     updates: int | None = None
     skipped: int | None = None
     gns: float | None = None
+    probe_windows: int | None = None
+    probe_conclusive: int | None = None
+    probe_overhead: float | None = None
+    critical_batch: float | None = None
+    critical_batch_bounded: bool = True
+    probe_last: dict[str, Any] | None = None
+    larger_start: bool = False
     wall_time_s: float | None = None
     train_loss: float | None = None
     val_loss: float | None = None
@@ -138,11 +154,29 @@ class RunSummary:
             rows.append(("noise measured", self._measured_text()))
             if self.gns is not None:
                 rows.append(("noise scale", f"B_simple {self.gns:.4g}"))
+            if self.probe_windows is not None:
+                rows.append(("critical batch", self._probe_text()))
+            if self.larger_start:
+                rows.append(("advice", "every probe found no loss at k x the batch with the lr "
+                             "scaled by the rule: a larger starting batch, its lr scaled the "
+                             "same way, may cost nothing (docs/POLICIES.md)"))
         if self.log_dir:
             rows.append(("logs", f"{self.log_dir}  (adabatch plot {self.log_dir})"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(["adabatch run summary"]
                          + [f"  {k.ljust(width)}   {v}" for k, v in rows])
+
+    def _probe_text(self) -> str:
+        text = (f"{self.probe_windows} probe window(s), {self.probe_conclusive} conclusive, "
+                f"cost {_pct(self.probe_overhead)} of the samples")
+        last = self.probe_last
+        if last is None or self.critical_batch is None:
+            return text
+        bound = "" if self.critical_batch_bounded else ">= "
+        std = last.get("ratio_std")
+        ratio = f"r {last['ratio']:.3f}" + ("" if std is None else f" +- {std:.3f}")
+        return (f"{text}; last: B_crit {bound}{self.critical_batch:.4g} (B={last['batch_size']}"
+                f" vs {last['factor']}x, {ratio}, at {last['samples']:,} samples)")
 
     def _measured_text(self) -> str:
         if not self.measured:
@@ -223,12 +257,38 @@ class RunSummary:
             self.skipped = int(getattr(est, "num_skipped", 0))
             gns = getattr(est, "gns", None)
             self.gns = float(gns) if gns is not None and math.isfinite(gns) else None
+        self._read_probes(cb)
         if getattr(cb, "_warned_no_small_batch", False):
             self.not_measured_reason = ("no small batch below the global batch: use gradient "
                                         "accumulation, several ranks or noise='per_example'")
         if self.updates == 0 and self.steps > 0:
             self.measured = False
             self.not_measured_reason = self.not_measured_reason or "no estimator update accepted"
+
+
+    def _read_probes(self, cb: Any) -> None:
+        policy = getattr(cb, "policy", None)
+        config = getattr(policy, "probe", None)
+        results = getattr(policy, "results", None)
+        if config is None or not isinstance(results, list):
+            return
+        z = float(getattr(policy, "confidence", 2.0))
+        branch = getattr(cb, "_branch", None)
+        spent = float(getattr(branch, "spent", 0.0))
+        conclusive = [r for r in results if r.ratio is not None]
+        self.probe_windows, self.probe_conclusive = len(results), len(conclusive)
+        self.probe_overhead = spent / self.samples if self.samples else None
+        if not conclusive:
+            return
+        last = conclusive[-1]
+        crit = float(last.critical_batch_lower(z))  # conclusive: not None
+        self.critical_batch_bounded = crit < last.resolvable
+        self.critical_batch = min(crit, last.resolvable)
+        self.probe_last = {"samples": last.samples, "batch_size": last.batch_size,
+                           "factor": last.factor, "ratio": last.ratio,
+                           "ratio_std": last.ratio_std}
+        lossless = [float(r.critical_batch_lower(z)) >= r.resolvable for r in conclusive]
+        self.larger_start = len(lossless) >= 2 and all(lossless)
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -302,6 +362,10 @@ def _format_history(hist: list[dict[str, Any]]) -> str:
         return f"{h.get('batch_size', '?')} (step {h.get('step', '?')}, {samples} samples)"
 
     return " -> ".join(one(h) for h in hist)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def _num(v: float | None) -> str:
