@@ -35,7 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import equal_budget as eb  # noqa: E402
 
-from adabatch.control.critical import critical_batch_from_ratio  # noqa: E402
+from adabatch.control.critical import (  # noqa: E402
+    ProbeResult,
+    critical_batch_from_ratio,
+    lossless,
+)
 
 SECTION = "probe_trace"
 TASKS = ("noisefloor", "teacher", "synthetic", "charlm")
@@ -74,6 +78,12 @@ def trace(task: eb.Task, quick: bool, seed: int, data: Path) -> dict[str, Any]:
         lr0 = json.loads(cached.read_text())["fixed"]["best_lr"][str(task.batches[0])]
     run = eb.run_job(eb.Job(task.name, quick, "default", seed, lr0, task.batches[0]))
     return {"seed": seed, "lr": lr0, "run": run}
+
+
+def advises(out: dict[str, Any]) -> bool:
+    """Whether the run summary advised a larger starting batch (every probe lossless at the
+    default policy's z = 2)."""
+    return lossless([ProbeResult.from_dict(p) for p in out["run"]["probes"]], z=2.0)
 
 
 def probe_rows(out: dict[str, Any]) -> list[list[str]]:
@@ -127,7 +137,8 @@ def main(argv: list[str] | None = None) -> str:
                      f"N = {task.budget}; per seed: batch at the end "
                      f"{[o['run']['batch_end'] for o in outs]}, final loss "
                      f"{[float(common.fmt(o['run']['final_loss'], '.5g', 'nan')) for o in outs]},"
-                     f" rho at the end {[common.fmt(o['run']['rho'], '.3g') for o in outs]}")
+                     f" rho at the end {[common.fmt(o['run']['rho'], '.3g') for o in outs]}, "
+                     f"run summary advises a larger start {[advises(o) for o in outs]}")
         if frontier is not None:
             lines.append(f"- final-loss critical batch (equal_budget, fixed runs): every fixed "
                          f"batch up to B={frontier['largest_equal']} is within the seed spread "

@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from adabatch.control.critical import lossless
+
 # Why a fit ended, in the order they are checked (the first that holds wins).
 STOP_REASONS = ("interrupted", "error", "max_samples", "max_steps", "max_epochs", "max_time",
                 "early_stopping", "should_stop", "data exhausted")
@@ -287,8 +289,7 @@ class RunSummary:
         self.probe_last = {"samples": last.samples, "batch_size": last.batch_size,
                            "factor": last.factor, "ratio": last.ratio,
                            "ratio_std": last.ratio_std}
-        lossless = [float(r.critical_batch_lower(z)) >= r.resolvable for r in conclusive]
-        self.larger_start = len(lossless) >= 2 and all(lossless)
+        self.larger_start = lossless(results, z)
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 from adabatch import validation as check
 
-__all__ = ["CriticalBatchProbe", "ProbeResult", "critical_batch_from_ratio"]
+__all__ = ["CriticalBatchProbe", "ProbeResult", "critical_batch_from_ratio", "lossless"]
 
 
 def _check_number(name: str, value: Any, lo: float, hi: float = math.inf, *,
@@ -253,3 +253,24 @@ class ProbeResult:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ValueError(f"probe result {key}={v!r} must be a number or None")
         return cls(**state)
+
+
+def lossless(results: list[ProbeResult], z: float) -> bool:
+    """Whether every conclusive probe (at least two) found no loss at ``k x B``: the lower
+    confidence bound ``r - z ratio_std`` of each ratio at least ``1 - tolerance``, where one
+    probe can no longer tell the critical batch from "unbounded". The batch then stayed below
+    what the lr allows with the rule-scaled lr.
+
+    Example::
+
+        >>> p = dict(samples=0, batch_size=16, factor=2, progress=1.0, ratio_std=0.01)
+        >>> lossless([ProbeResult(branch_progress=1.0, **p)] * 2, z=2.0)
+        True
+        >>> lossless([ProbeResult(branch_progress=1.0, **p),
+        ...           ProbeResult(branch_progress=0.96, **p)], z=2.0)   # 0.94 < 0.95
+        False
+    """
+    conclusive = [r for r in results if r.ratio is not None]
+    return len(conclusive) >= 2 and all(
+        float(r.critical_batch_lower(z)) >= r.resolvable for r in conclusive
+    )
