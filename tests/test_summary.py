@@ -143,13 +143,16 @@ def _probed(*ratios):
     (((1.0, 0.01), (0.9, 0.01)), False),      # the last one lost
     (((0.9, 0.01), (1.0, 0.01)), False),      # an earlier one lost
     (((1.0, 0.01), (0.96, 0.01)), False),     # 0.96 - 2 x 0.01 < 0.95: not shown lossless
+    (((1.0, 0.01), (0.99, 0.01), (0.7, 0.2)), True),  # [0.3, 1.1]: inconclusive, not a loss
 ])
 def test_the_larger_start_advice_needs_every_probe_lossless_at_its_lower_bound(ratios, advice):
     s = RunSummary(samples=1000)
     s._read_probes(_probed(*ratios))
     assert s.larger_start is advice
     assert s.probe_windows == len(ratios) and s.probe_overhead == 0.05
-    last_r, last_std = ratios[-1]
+    resolved = [(r, std) for r, std in ratios if not (r - 2 * std <= 0.5 <= 0.95 <= r + 2 * std)]
+    assert s.probe_conclusive == len(resolved)
+    last_r, last_std = resolved[-1]
     crit = 16 * (2 * (last_r - 2 * last_std) - 1) / (1 - (last_r - 2 * last_std))
     resolvable = 16 * (2 * 0.95 - 1) / 0.05
     assert s.critical_batch == pytest.approx(min(crit, resolvable))

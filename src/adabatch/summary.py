@@ -66,7 +66,8 @@ class RunSummary:
             steps the estimator refused).
         gns: the final noise-scale estimate (B_simple), if any.
         probe_windows: branched critical-batch probes run (None: the policy has no probe);
-            probe_conclusive: those whose main run made progress on the probe set.
+            probe_conclusive: those that resolved an answer (main progress on the probe
+            set, and a ratio whose confidence interval excludes some answer).
         probe_overhead: the probes' compute as a fraction of the samples trained.
         critical_batch: the last conclusive probe's critical batch, from its ratio's lower
             confidence bound; when that probe found no loss at ``k x B`` it is the largest
@@ -277,7 +278,7 @@ class RunSummary:
         z = float(getattr(policy, "confidence", 2.0))
         branch = getattr(cb, "_branch", None)
         spent = float(getattr(branch, "spent", 0.0))
-        conclusive = [r for r in results if r.ratio is not None]
+        conclusive = [r for r in results if r.critical_batch_lower(z) is not None]
         self.probe_windows, self.probe_conclusive = len(results), len(conclusive)
         self.probe_overhead = spent / self.samples if self.samples else None
         if not conclusive:

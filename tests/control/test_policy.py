@@ -191,6 +191,14 @@ def test_critical_policy_uses_the_lower_bound_consistently():
     u.observe_probe(ProbeResult(1000, 16, 2, progress=1.0, branch_progress=0.95, gns=150.0,
                                 gns_rel_std=0.25))
     assert u.rho == pytest.approx(16 * 0.9 / 0.05 / 100.0)
+    # an interval r +- 2 ratio_std reaching both 1/k and 1 - tolerance excludes no answer:
+    # inconclusive, the calibration is kept (r = 5 +- 3.9 read as B_crit = 0 at its bound)
+    for r, std in ((5.0, 3.9), (0.75, 0.125)):
+        w = bound(CriticalBatchPolicy(confidence=2.0), 16, 4096, 16)
+        w.observe_probe(_probe(16, 0.9, gns=150.0, rel=0.25))
+        w.observe_probe(ProbeResult(2000, 16, 2, progress=1.0, branch_progress=r, gns=150.0,
+                                    gns_rel_std=0.25, ratio_std=std))
+        assert w.rho == pytest.approx(1.28) and len(w.results) == 2
 
 
 def test_critical_policy_state_roundtrip_and_bind_resets():

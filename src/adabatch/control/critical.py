@@ -205,7 +205,10 @@ class ProbeResult:
 
     def critical_batch_lower(self, z: float) -> float | None:
         """``B_crit`` from the ratio's lower confidence bound ``r - z ratio_std`` (the
-        measured value where the standard error is unknown; ``None``: inconclusive).
+        measured value where the standard error is unknown). ``None`` (inconclusive) without
+        main progress, or when the interval ``r +- z ratio_std`` reaches both ends of what a
+        probe resolves (``<= 1/k``: below ``B``; ``>= 1 - tolerance``: unbounded), so that
+        it excludes no answer.
 
         Example::
 
@@ -213,12 +216,17 @@ class ProbeResult:
             ...                 branch_progress=0.85, ratio_std=0.05)
             >>> round(p.critical_batch, 1), round(p.critical_batch_lower(2.0), 1)
             (466.7, 200.0)
+            >>> ProbeResult(samples=0, batch_size=100, factor=2, progress=1.0,
+            ...             branch_progress=0.85, ratio_std=0.2).critical_batch_lower(2.0)
         """
         r = self.ratio
         if r is None:
             return None
-        if self.ratio_std is not None and math.isfinite(self.ratio_std):
-            r -= z * self.ratio_std
+        std = self.ratio_std
+        if std is not None and math.isfinite(std):
+            if r - z * std <= 1.0 / self.factor and r + z * std >= 1.0 - self.tolerance:
+                return None
+            r -= z * std
         return critical_batch_from_ratio(r, self.batch_size, self.factor)
 
     @property
@@ -256,7 +264,8 @@ class ProbeResult:
 
 
 def lossless(results: list[ProbeResult], z: float) -> bool:
-    """Whether every conclusive probe (at least two) found no loss at ``k x B``: the lower
+    """Whether every conclusive probe (at least two; see
+    :meth:`ProbeResult.critical_batch_lower`) found no loss at ``k x B``: the lower
     confidence bound ``r - z ratio_std`` of each ratio at least ``1 - tolerance``, where one
     probe can no longer tell the critical batch from "unbounded". The batch then stayed below
     what the lr allows with the rule-scaled lr.
@@ -270,7 +279,6 @@ def lossless(results: list[ProbeResult], z: float) -> bool:
         ...           ProbeResult(branch_progress=0.96, **p)], z=2.0)   # 0.94 < 0.95
         False
     """
-    conclusive = [r for r in results if r.ratio is not None]
-    return len(conclusive) >= 2 and all(
-        float(r.critical_batch_lower(z)) >= r.resolvable for r in conclusive
-    )
+    crits = [(r.critical_batch_lower(z), r.resolvable) for r in results]
+    conclusive = [(c, top) for c, top in crits if c is not None]
+    return len(conclusive) >= 2 and all(c >= top for c, top in conclusive)
