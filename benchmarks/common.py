@@ -496,3 +496,12 @@ def charlm_windows(context: int) -> tuple[BatchedWindows, Any, Any]:
     val = BatchedWindows(data.val_set)
     val_x, val_y = val.__getitems__(list(range(len(val))))
     return BatchedWindows(data.train_set), val_x, val_y
+
+
+def publish(text: str, results: Path | str | None, section: str) -> None:
+    """Print a benchmark's section and, unless ``results`` is None, write it to that
+    RESULTS.md (replacing the section of the same name)."""
+    print(text)
+    if results is not None:
+        write_section(results, section, text)
+        print(f"wrote section '{section}' to {results}")

@@ -1312,10 +1312,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             figures[out["task"].name] = Path(args.figures) / f"equal_budget_{out['task'].name}.png"
             plot(out, figures[out["task"].name])
     text = render(outs, args, argv, load_before, seconds, figures)
-    print(text)
-    if args.results is not None:
-        common.write_section(args.results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {args.results}")
+    common.publish(text, args.results, SECTION)
     return outs
 
 

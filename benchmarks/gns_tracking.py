@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> str:
     lines.append("")
     lines.append(f"- wall time: {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines)
-    print(text)
-    if results is not None:
-        common.write_section(results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {results}")
+    common.publish(text, results, SECTION)
     return text
 
 

@@ -282,10 +282,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str]]:
     lines += ["", common.md_table(["mutant", "wrong code", "file", "outcome", "pytest",
                                    "tests run"], rows)]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write and args.only is None:
-        common.write_section(args.results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {args.results}")
+    common.publish(text, None if args.no_write or args.only is not None else args.results,
+                   SECTION)
     return outcomes
 
 

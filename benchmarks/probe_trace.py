@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> str:
                                       [r for o in outs for r in probe_rows(o)])]
     lines += ["", f"- wall time: {time.perf_counter() - t0:.0f} s"]
     text = "\n".join(lines)
-    print(text)
-    if results is not None:
-        common.write_section(results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {results}")
+    common.publish(text, results, SECTION)
     return text
 
 

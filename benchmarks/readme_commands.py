@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append(run_one(name, extra, Path(tmp)))
             print(f"{name}: {rows[-1]['wall_s']:.1f} s", flush=True)
     text = report(rows, argv, load, quick=args.quick)
-    print(text)
-    if args.results is not None:
-        common.write_section(args.results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {args.results}")
+    common.publish(text, args.results, SECTION)
     return rows
 
 

@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "loss gap, 2nd half", "final loss"], table),
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.results is not None and not args.no_write:
-        common.write_section(args.results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {args.results}")
+    common.publish(text, None if args.no_write else args.results, SECTION)
     return {"results": results, "text": text}
 
 

@@ -871,10 +871,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             plot(out, path)
             figures[out["task"].name] = path
     text = render(outs, args, argv, load_before, seconds, figures)
-    print(text)
-    if args.results is not None and not args.no_write:
-        common.write_section(args.results, SECTION, text)
-        print(f"wrote section '{SECTION}' to {args.results}")
+    common.publish(text, None if args.no_write else args.results, SECTION)
     return outs
 
 

@@ -901,6 +901,8 @@ class AdaptiveBatchSize(Callback):
             last = self._last_probe
             if last is not None and last.ratio is not None:
                 metrics["adabatch/probe_ratio"] = float(last.ratio)
+                if last.ratio_std is not None and math.isfinite(last.ratio_std):
+                    metrics["adabatch/probe_ratio_std"] = float(last.ratio_std)
         crit = getattr(self.policy, "critical_batch", None)
         if callable(crit) and est.gns is not None:
             value = crit(Observation(self.samples, self.steps, int(stats["samples"]),
