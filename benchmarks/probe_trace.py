@@ -4,10 +4,12 @@ For each task of `equal_budget.py`, one run of the library default (`CriticalBat
 under that benchmark's protocol (from B0 at B0's tuned lr, warm-up + cosine in samples, the
 task's sample budget) and, for every probe it took: where (samples, the main run's batch B,
 the branch's factor k), the progress ratio ``r = branch progress / main progress`` over the
-window, the critical batch it implies (``B_crit``: ``inf`` when ``k B`` did as well as ``B``,
-none when the main run made no progress), and the noise scale ``B_simple`` then. The
-policy's calibration ``rho`` (``B_crit / B_simple_lcb``, weighted over the probes) is the
-one it ended with.
+window (the branch at ``k B`` with ``k`` times the main run's lr, ``sqrt(k)`` for Adam), its
+standard error over the probe set's batches, the critical batch the default policy credits
+(from ``r - 2`` standard errors: ``inf`` when ``k B`` did as well as ``B``; none when the main
+run made no progress or the interval spans every answer), and the noise scale ``B_simple``
+then. The policy's calibration ``rho`` (``B_crit / B_simple_lcb``, weighted over the probes)
+is the one it ended with.
 
 Next to it, from `equal_budget`'s cached fixed runs: the *final-loss* critical batch, the
 largest fixed batch whose final loss is within the seed spread of the best fixed batch's
@@ -35,11 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import equal_budget as eb  # noqa: E402
 
-from adabatch.control.critical import (  # noqa: E402
-    ProbeResult,
-    critical_batch_from_ratio,
-    lossless,
-)
+from adabatch.control.critical import ProbeResult, lossless  # noqa: E402
 
 SECTION = "probe_trace"
 TASKS = ("noisefloor", "teacher", "synthetic", "charlm")
@@ -86,19 +84,24 @@ def advises(out: dict[str, Any]) -> bool:
     return lossless([ProbeResult.from_dict(p) for p in out["run"]["probes"]], z=2.0)
 
 
-def probe_rows(out: dict[str, Any]) -> list[list[str]]:
+def probe_rows(out: dict[str, Any], z: float = 2.0) -> list[list[str]]:
+    """One row per probe: r, its standard error, and the critical batch the default policy
+    credits (from ``r - z ratio_std``; none when the main run made no progress, or when the
+    interval ``r +- z ratio_std`` spans every answer)."""
     rows = []
     for p in out["run"]["probes"]:
-        ratio = (p["branch_progress"] / p["progress"]
-                 if math.isfinite(p["progress"]) and p["progress"] > 0 else None)
+        result = ProbeResult.from_dict(p)
+        ratio = result.ratio
+        crit = result.critical_batch_lower(z)
         if ratio is None:
-            crit = "none (no main progress)"
+            text = "none (no main progress)"
+        elif crit is None:
+            text = "none (interval spans every answer)"
         else:
-            crit = common.fmt(critical_batch_from_ratio(ratio, p["batch_size"], p["factor"]),
-                              ".3g", "inf")
+            text = common.fmt(crit, ".3g", "inf")
         rows.append([out["seed"], p["samples"], p["batch_size"], p["factor"],
                      common.fmt(ratio, ".3f", "-"), common.fmt(p.get("ratio_std"), ".3f", "-"),
-                     crit, common.fmt(p["gns"], ".3g", "-")])
+                     text, common.fmt(p["gns"], ".3g", "-")])
     return rows
 
 
@@ -124,8 +127,9 @@ def main(argv: list[str] | None = None) -> str:
                  "cache), warm-up + cosine in samples over the task's budget; every probe of "
                  "the run: r = branch progress / main progress over the window (the branch at "
                  "k B with k x the main run's lr, sqrt(k) x for Adam), its standard error over "
-                 "the probe set's batches, B_crit from r (inf: k B did as well), B_simple at "
-                 "the window's end. Final-loss critical "
+                 "the probe set's batches, the B_crit the default policy credits, from "
+                 "r - 2 s.e. (inf: k B did as well; none: no main progress, or an interval "
+                 "r +- 2 s.e. that spans every answer), B_simple at the window's end. Final-loss critical "
                  "batch: the largest fixed batch of equal_budget whose final loss is within "
                  "the seed spread of the best fixed batch's (its evaluation seeds)")
     for name in tasks:
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> str:
                          f"batch up to B={frontier['largest_equal']} is within the seed spread "
                          f"of the best ({frontier['best']})")
         lines += ["", common.md_table(["seed", "samples", "B", "k", "r", "r's std. error",
-                                       "B_crit", "B_simple"],
+                                       "B_crit at r - 2 s.e.", "B_simple"],
                                       [r for o in outs for r in probe_rows(o)])]
     lines += ["", f"- wall time: {time.perf_counter() - t0:.0f} s"]
     text = "\n".join(lines)

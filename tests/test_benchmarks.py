@@ -275,9 +275,10 @@ def test_equal_budget_cache_key_follows_the_data():
 
 # ----------------------------------------------------------------------------- probe_trace
 def test_probe_trace_rows_and_final_loss_critical_batch(tmp_path):
-    """Each probe's row: r = branch / main progress and the B_crit the closed form gives
-    (``(1 + B / kB) / (1 + kB / kB)`` at r = 0.75, B = 100, k = 2: 200), ``inf`` once k B
-    did as well, none without main progress; the final-loss critical batch is the largest
+    """Each probe's row: r = branch / main progress, its error, and the B_crit the closed
+    form gives at r - 2 s.e. (r = 0.75 - 2 x 0.0125, B = 100, k = 2: 100 x 0.45 / 0.275),
+    ``inf`` once k B did as well, none without main progress or with an interval spanning
+    every answer; the final-loss critical batch is the largest
     fixed batch within the spread of the best."""
     pt = importlib.import_module("probe_trace")
     probe = {"samples": 512, "batch_size": 100, "factor": 2, "gns": 50.0}
@@ -286,8 +287,11 @@ def test_probe_trace_rows_and_final_loss_critical_batch(tmp_path):
                                          {**probe, "progress": 0.4, "branch_progress": 0.5},
                                          {**probe, "progress": -0.1, "branch_progress": 0.2}]}}
     rows = pt.probe_rows(out)
-    assert [r[4:7] for r in rows] == [["0.750", "0.013", "200"], ["1.250", "-", "inf"],
+    assert [r[4:7] for r in rows] == [["0.750", "0.013", "164"], ["1.250", "-", "inf"],
                                       ["-", "-", "none (no main progress)"]]
+    wide = {"seed": 1, "run": {"probes": [{**probe, "progress": 0.4, "branch_progress": 0.3,
+                                           "ratio_std": 0.2}]}}
+    assert pt.probe_rows(wide)[0][6] == "none (interval spans every answer)"
     # a cache whose B=16 and B=32 tie and B=64 loses on every seed
     task = eb.get_task("noisefloor", True)
     runs = [{"kind": "fixed", "batch": b, "lr": 0.1, "seed": s, "steps": 64 // b,

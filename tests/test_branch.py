@@ -93,7 +93,7 @@ def test_the_summary_reports_the_probes_and_advises_a_larger_start_only_without_
 
     far, probes = summary(0.01)
     assert len(probes) >= 2 and all(r.ratio > 0.99 for r in probes)
-    assert far.larger_start and "advice" in str(far)
+    assert far.larger_start and "advice" in str(far) and "starting at 2x" in str(far)
     assert not far.critical_batch_bounded and far.critical_batch == probes[-1].resolvable
     near, probes = summary(0.3)
     assert probes[0].ratio < 0.95

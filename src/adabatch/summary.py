@@ -159,10 +159,11 @@ class RunSummary:
                 rows.append(("noise scale", f"B_simple {self.gns:.4g}"))
             if self.probe_windows is not None:
                 rows.append(("critical batch", self._probe_text()))
-            if self.larger_start:
-                rows.append(("advice", "every probe found no loss at k x the batch with the lr "
-                             "scaled by the rule: a larger starting batch, its lr scaled the "
-                             "same way, may cost nothing (docs/POLICIES.md)"))
+            if self.larger_start and self.probe_last is not None:
+                k = self.probe_last["factor"]
+                rows.append(("advice", f"every probe found no loss at {k}x the batch with the "
+                             f"lr scaled by the rule: starting at {k}x, the lr scaled the same "
+                             "way, may cost nothing (docs/POLICIES.md)"))
         if self.log_dir:
             rows.append(("logs", f"{self.log_dir}  (adabatch plot {self.log_dir})"))
         width = max(len(k) for k, _ in rows)
