@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> str:
                  "k B with k x the main run's lr, sqrt(k) x for Adam), its standard error over "
                  "the probe set's batches, the B_crit the default policy credits, from "
                  "r - 2 s.e. (inf: k B did as well; none: no main progress, or an interval "
-                 "r +- 2 s.e. that spans every answer), B_simple at the window's end. Final-loss critical "
-                 "batch: the largest fixed batch of equal_budget whose final loss is within "
+                 "r +- 2 s.e. that spans every answer), B_simple at the window's end. "
+                 "Final-loss critical batch: the largest fixed batch of equal_budget whose "
+                 "final loss is within "
                  "the seed spread of the best fixed batch's (its evaluation seeds)")
     for name in tasks:
         task = eb.get_task(name, args.quick)
