@@ -9,7 +9,9 @@
 - ``record(batch, lrs)`` keeps every micro-batch (and the step's learning rates) of the
   window's ``window_steps`` main-run steps;
 - ``close(...)``: ``L_main``; load the snapshot; replay the same micro-batches as
-  ``window_steps / k`` steps at ``k x B`` with the rule-scaled hyperparameters; ``L_branch``;
+  ``window_steps / k`` steps at ``k x B`` (hyperparameters from the callback's
+  ``apply_factors``: the rules at ``k x B``, the lr ``k`` x the main run's, ``sqrt(k)`` x for
+  Adam, under a saturating AdaScale gain); ``L_branch``;
   put the main run's state back exactly (weights, buffers, optimizer state, RNG).
 
 The main run is untouched: it sees its data once, in its order, and the probe restores the

@@ -801,10 +801,11 @@ class AdaptiveBatchSize(Callback):
         return self._scaler.apply(batch_size / ref, gain=self._gain(batch_size))
 
     def _apply_branch_factors(self, batch_size: int) -> dict[str, float]:
-        """Scale the optimizer for a probe's branch step at ``batch_size = k B``: the main
-        run's factors at ``B`` times the plain kappa rule's ``k`` (SGD) or ``sqrt(k)`` (Adam).
-        A saturating gain would fix the branch's lr from the noise scale, and the probe would
-        only measure the noise scale again."""
+        """Scale the optimizer for a probe's branch step at ``batch_size = k B``: the rules
+        at ``k B``, except that an AdaScale gain is the main run's at ``B`` times ``k`` (the
+        lr ``k`` x the main run's for SGD, ``sqrt(k)`` x for Adam). The saturating gain at
+        ``k B`` is set by the noise scale: a branch using it would measure the noise scale
+        again (on the noise-floor task it read B_crit 14-140 where B_simple read 10-101)."""
         assert self._scaler is not None and self._branch is not None
         main = batch_size // self._branch.config.factor
         ref = float(self._ref or main)

@@ -9,9 +9,12 @@ training (:mod:`adabatch.branch` runs it; this module holds no Lightning and no 
 2. the main run trains on as usual for ``window_steps`` steps at batch ``B``; its batches
    are kept;
 3. evaluate ``L_main``; load the snapshot; replay the *same samples* as
-   ``window_steps / k`` steps at ``k x B`` with the rule-scaled hyperparameters; evaluate
-   ``L_branch``; put the main run's state back. The main run's data order is untouched:
-   nothing is skipped and nothing is seen twice by it.
+   ``window_steps / k`` steps at ``k x B`` with the hyperparameters the run's rules give at
+   ``k x B``, except that a saturating AdaScale gain is replaced by the plain rule: ``k``
+   times the main run's lr (``sqrt(k)`` for the Adam family, as Merrill et al.; a run
+   without an lr rule keeps its lr); evaluate ``L_branch``; put the main run's state
+   back. The main run's data order is untouched: nothing is skipped and nothing is seen
+   twice by it.
 
 Progress ``P = L0 - L_main`` and ``P_k = L0 - L_branch`` are made with the same samples. In
 McCandlish et al.'s model (2018, eq. 2.7) the progress per sample at batch ``B`` is
@@ -268,7 +271,7 @@ def lossless(results: list[ProbeResult], z: float) -> bool:
     :meth:`ProbeResult.critical_batch_lower`) found no loss at ``k x B``: the lower
     confidence bound ``r - z ratio_std`` of each ratio at least ``1 - tolerance``, where one
     probe can no longer tell the critical batch from "unbounded". The batch then stayed below
-    what the lr allows with the rule-scaled lr.
+    what the lr allows with the lr scaled by ``k`` (``sqrt(k)``).
 
     Example::
 
