@@ -559,7 +559,10 @@ def run_job(job: Job) -> dict[str, Any]:
     loader = common.resizable_loader(data, job.batch, seed=job.seed)
     cb = None
     if job.kind != "fixed":
-        cb = make_callback(job.kind, b0=task.batches[0], b_max=task.batches[-1], n=budget,
+        # an adaptive run starts (and has its bounds' bottom and B_ref) at the job's batch,
+        # B0 in this benchmark; the control's B_ref is B0 whatever its fixed batch
+        b0 = task.batches[0] if job.kind == "control" else job.batch
+        cb = make_callback(job.kind, b0=b0, b_max=task.batches[-1], n=budget,
                            half_life=task.half_life)
     evals = common.every_step if const else common.geometric_schedule(1.25, 5)
     progress = Progress(task.eval_fn, job.target, evals, max_samples=budget, adabatch=cb,

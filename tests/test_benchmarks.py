@@ -304,3 +304,34 @@ def test_probe_trace_rows_and_final_loss_critical_batch(tmp_path):
     assert pt.final_loss_critical_batch(task, tmp_path) == {"best": "B=16",
                                                              "largest_equal": 32}
     assert pt.final_loss_critical_batch(task, tmp_path / "none") is None
+
+
+# ----------------------------------------------------------------------------- follow_advice
+def test_follow_advice_restarts_at_k_times_the_batch_while_every_seed_is_advised(monkeypatch):
+    """The chain: from B0 at B0's lr; again from 2x the batch, the lr scaled by the plain rule
+    (x2 SGD, x sqrt 2 Adam), only while every seed's run advised it; never past the largest
+    fixed batch. Stand-in runs: lossless probes (r = 1) below B = 64, a lossy one at 64."""
+    fa = importlib.import_module("follow_advice")
+    seen = []
+
+    def fake_run(job):
+        seen.append((job.batch, job.lr, job.seed))
+        r = 1.0 if job.batch < 64 else 0.6
+        probe = {"samples": 100, "batch_size": job.batch, "factor": 2, "progress": 1.0,
+                 "branch_progress": r, "ratio_std": 0.0}
+        return {"steps": 1, "final_loss": 1.0, "batch_end": job.batch, "seed": job.seed,
+                "probes": [probe, {**probe, "samples": 200}]}
+
+    monkeypatch.setattr(fa.eb, "run_job", fake_run)
+    task = fa.eb.get_task("noisefloor", True)
+    task.batches = [16, 32, 64, 128]
+    done = fa.rounds(task, [1, 2], lr0=0.1, max_rounds=6)
+    assert [(r["batch"], r["advised"]) for r in done] == [(16, 2), (32, 2), (64, 0)]
+    assert [lr for b, lr, s in seen if s == 1] == pytest.approx([0.1, 0.2, 0.4])
+    assert fa.scaled_lr(0.1, 2, "adamw") == pytest.approx(0.1 * 2**0.5)
+    task.batches = [16, 32]  # the largest fixed batch bounds the chain
+    assert [r["batch"] for r in fa.rounds(task, [1], lr0=0.1, max_rounds=6)] == [16, 32]
+    # one seed not advised stops it
+    monkeypatch.setattr(fa, "advised", lambda run: run["seed"] == 1)
+    task.batches = [16, 32, 64]
+    assert [r["advised"] for r in fa.rounds(task, [1, 2], lr0=0.1, max_rounds=6)] == [1]
