@@ -126,7 +126,7 @@ def test_the_ratio_error_is_the_delta_method_over_probe_batches():
     a, c = l0[:, 0] - branch[:, 0], l0[:, 0] - main[:, 0]
     r = (w * sizes * a).sum() / (w * sizes * c).sum()
     (influence,) = torch.autograd.grad(r, w)
-    assert branch_progress / progress == pytest.approx(float(r), rel=1e-12)
+    assert branch_progress / progress == pytest.approx(r.item(), rel=1e-12)
     assert progress == pytest.approx(float((sizes * c).sum() / sizes.sum()), rel=1e-12)
     assert std == pytest.approx(float(influence.square().sum().sqrt()), rel=1e-9)
     assert std > 0
