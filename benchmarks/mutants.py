@@ -43,6 +43,8 @@ SEESAW_E2E = ("tests/test_callback.py::"
               "test_seesaw_turns_a_schedule_drop_into_a_batch_increase_at_the_peak_lr")
 SEESAW_RESUME = "tests/test_callback.py::test_seesaw_resume_keeps_the_schedules_peak"
 SUMMARY = "tests/test_summary.py"
+BRANCH_LR = ("tests/test_branch.py::"
+             "test_the_branch_lr_is_k_times_the_main_runs_under_the_saturating_gain")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("branch_lr_saturating", "the branch's lr from the AdaScale gain at k x B (the probe "
            "measures B_simple again)", "src/adabatch/callback.py",
            "            gain *= batch_size / main\n", "            gain = self._gain(batch_size)\n",
-           (ORACLE,)),
+           (ORACLE, BRANCH_LR)),
+    Mutant("branch_gain_from_ref", "the branch's lr k x B_ref's, not k x the main run's",
+           "src/adabatch/callback.py", "        gain = self._gain(main)\n",
+           "        gain = None if self._gain(main) is None else 1.0\n", (BRANCH_LR,)),
     Mutant("ratio_std_unweighted", "the ratio's standard error without the batch sizes",
            "src/adabatch/branch.py",
            "spread = trainer.strategy.reduce((n * (a - r * c)).square().sum(), reduce_op=\"sum\")",

@@ -100,6 +100,48 @@ def test_the_summary_reports_the_probes_and_advises_a_larger_start_only_without_
     assert not near.larger_start and "advice" not in str(near)
 
 
+@pytest.mark.parametrize(("optimizer", "lr_ratio"), [("sgd", 2.0), ("adamw", 2.0**0.5)])
+def test_the_branch_lr_is_k_times_the_main_runs_under_the_saturating_gain(tmp_path, optimizer,
+                                                                           lr_ratio):
+    """Under the default AdaScale rule, at B = 4 B_ref with a measured noise scale (the main
+    run's gain strictly between 1 and kappa), the branch at 2B gets exactly 2x (SGD) or
+    sqrt 2 x (Adam) the main run's lr factor, while the rules' other factors are those of 2B;
+    the gain at 2B itself would give less."""
+    from lightning.pytorch import Callback
+
+    from adabatch.control.rules import adascale_gain
+
+    class Check(Callback):
+        def __init__(self) -> None:
+            self.rows: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            est = cb.estimator
+            if trainer.global_step < 20 or est.grad_sq is None or self.rows:
+                return
+            main, branch = cb._apply_factors(4), cb._apply_branch_factors(8)
+            cb._scaler.restore()
+            gain4 = adascale_gain(est.trace_sigma, est.grad_sq, 4, 1.0)
+            gain8 = adascale_gain(est.trace_sigma, est.grad_sq, 8, 1.0)
+            self.rows.append((main, branch, gain4, gain8))
+
+    seed_everything(0)
+    model = LeastSquaresModel(dim=8, lr=0.01, init_scale=2.0, optimizer=optimizer)
+    data = LeastSquaresData(dim=8, batch_size=4, num_samples=4096)
+    cb = AdaptiveBatchSize(policy=ProbeOnly(CriticalBatchProbe()), ref_batch_size=1,
+                           half_life_samples=200)
+    check = Check()
+    trainer(tmp_path, [cb, check], max_steps=30).fit(model, data)
+    (main, branch, gain4, gain8), = check.rows
+    root = (lambda g: g) if optimizer == "sgd" else math.sqrt
+    assert 1.0 < gain4 < 4.0 and gain8 < 2 * gain4
+    assert main["lr_factor"] == pytest.approx(root(gain4), rel=1e-12)
+    assert branch["lr_factor"] == pytest.approx(lr_ratio * main["lr_factor"], rel=1e-12)
+    assert branch["kappa"] == 8.0
+    if optimizer == "adamw":
+        assert branch["eps_factor"] == pytest.approx(8.0**-0.5)
+
+
 def test_the_ratio_error_is_the_delta_method_over_probe_batches():
     """``ratio_std`` against an independent computation: the influence of each probe batch on
     ``r`` by autograd (float64), ``var(r) = sum_i (dr/dw_i)^2`` at unit batch weights."""

@@ -5,7 +5,7 @@
 
 - ``collect_eval(batch)`` keeps the first micro-batches of training as the fixed probe set;
 - ``open(...)`` at an optimizer step: snapshot of weights, buffers and optimizer state, and
-  ``L0`` on the probe set;
+  ``L0`` on the probe set (per batch);
 - ``record(batch, lrs)`` keeps every micro-batch (and the step's learning rates) of the
   window's ``window_steps`` main-run steps;
 - ``close(...)``: ``L_main``; load the snapshot; replay the same micro-batches as
@@ -272,34 +272,26 @@ class BranchRunner:
             else:
                 torch.nn.utils.clip_grad_norm_(params, clip)
 
-    def evaluate(self, pl_module: Any, trainer: Any) -> float:
-        """Mean loss over the probe set (all ranks), modules in eval mode, no grad."""
-        losses = self._batch_losses(pl_module, trainer)
-        total = torch.stack([(losses[:, 0] * losses[:, 1]).sum(), losses[:, 1].sum()])
-        total = trainer.strategy.reduce(total, reduce_op="sum")
-        return float(total[0] / total[1].clamp_min(1.0))
-
     def _batch_losses(self, pl_module: Any, trainer: Any) -> torch.Tensor:
         """``(mean loss, size)`` of each of this rank's probe-set batches, float64."""
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
-        rows = []
+        losses, sizes = [], []
         try:
             with torch.no_grad(), _muted(pl_module):
                 for b in self.eval_batches:
                     with trainer.precision_plugin.forward_context():
                         loss = _loss_of(pl_module.training_step(b, 0))
                     if loss is not None:
-                        rows.append(torch.stack([loss.detach().double().reshape(()),
-                                                 torch.tensor(float(extract_batch_size(b)),
-                                                              dtype=torch.float64,
-                                                              device=loss.device)]))
+                        losses.append(loss.detach().double().reshape(()).to(pl_module.device))
+                        sizes.append(float(extract_batch_size(b)))
         finally:
             for m, training in modes.items():
                 m.training = training
-        if not rows:
+        size = torch.tensor(sizes, dtype=torch.float64, device=pl_module.device)
+        if not losses:
             return torch.zeros(0, 2, dtype=torch.float64, device=pl_module.device)
-        return torch.stack(rows).to(pl_module.device)
+        return torch.stack([torch.stack(losses), size], 1)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
